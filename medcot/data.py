@@ -1,0 +1,202 @@
+"""Data: load → validate → map columns → sample → split.
+
+A training record is `{question, reasoning, answer}` after column mapping (defaults `Question`,
+`Complex_CoT`, `Response`, as in FreedomIntelligence/medical-o1-reasoning-SFT). Every problem with
+an input row is reported with the file, the 1-based row and the field.
+
+    medcot data check my_rows.jsonl
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .config import DataArgs
+from .embedded import DEMO_DATA
+
+log = logging.getLogger(__name__)
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class DataError(ValueError):
+    """An input file or row that cannot be used. The message names the file, row and field."""
+
+
+class ColumnsError(DataError):
+    """The file lacks the mapped columns: a file-level problem that --skip-bad-rows cannot skip."""
+
+
+@dataclass(frozen=True)
+class Record:
+    question: str
+    reasoning: str
+    answer: str
+    row: int  # 1-based row in the source, kept so later errors can point back to it
+
+
+@dataclass
+class LoadedData:
+    source: str
+    records: list[Record]
+    skipped: list[str] = field(default_factory=list)  # one message per skipped bad row
+    columns: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Splits:
+    train: list[Record]
+    val: list[Record]
+
+
+def resolve_source(source: str) -> str:
+    return str(DEMO_DATA) if source == "embedded" else source
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).suffix.lower() in LOCAL_SUFFIXES or Path(source).exists()
+
+
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: row {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            "re-save the file as UTF-8"
+        ) from None
+
+
+def _iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield (1-based row, raw row) from a local file. Rows that are not objects are yielded as-is."""
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise FileNotFoundError(f"Data file {str(path)!r} does not exist")
+    if suffix == ".jsonl":
+        for lineno, line in enumerate(_decode(path).splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield lineno, DataError(f"{path}: row {lineno}: invalid JSON ({e.msg} at column {e.colno})")
+    elif suffix == ".json":
+        try:
+            data = json.loads(_decode(path))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of row objects (or {{\"data\": [...]}})")
+        yield from enumerate(data, start=1)
+    elif suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(_decode(path), newline=""))
+        for i, row in enumerate(reader, start=1):
+            yield i, {k: v for k, v in row.items() if k is not None}
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r} (use {', '.join(LOCAL_SUFFIXES)})")
+
+
+def _iter_hub_rows(args: DataArgs) -> Iterator[tuple[int, Any]]:
+    from datasets import load_dataset  # token: datasets reads HF_TOKEN from the environment
+
+    ds = load_dataset(args.source, args.hub_config, split=args.split)
+    yield from enumerate(ds, start=1)
+
+
+def load_records(args: DataArgs) -> LoadedData:
+    """Load and validate every row of `args.source`.
+
+    Raises:
+        FileNotFoundError: a local file that does not exist.
+        DataError: a malformed file, missing columns, or (without `skip_bad_rows`) a bad row.
+    """
+    source = resolve_source(args.source)
+    local = _is_local(source)
+    rows = _iter_rows(Path(source)) if local else _iter_hub_rows(args)
+    wanted = {
+        "question": args.question_column,
+        "reasoning": args.reasoning_column,
+        "answer": args.answer_column,
+    }
+    out = LoadedData(source=source, records=[])
+    for rownum, row in rows:
+        try:
+            if isinstance(row, DataError):
+                raise row
+            if not isinstance(row, dict):
+                raise DataError(f"{source}: row {rownum}: expected an object with fields, got {type(row).__name__}")
+            if not out.columns:
+                out.columns = list(row)
+                missing = [c for c in wanted.values() if c not in row]
+                if missing:
+                    raise _missing_columns(source, missing, list(row), args)
+            values = {}
+            for name, column in wanted.items():
+                if column not in row or row[column] is None:
+                    raise DataError(f"{source}: row {rownum}: field {column!r} is missing")
+                value = row[column]
+                if not isinstance(value, str):
+                    raise DataError(
+                        f"{source}: row {rownum}: field {column!r} must be a string, got {type(value).__name__}"
+                    )
+                if not value.strip():
+                    raise DataError(f"{source}: row {rownum}: field {column!r} is empty")
+                values[name] = value.strip()
+            out.records.append(Record(row=rownum, **values))
+        except DataError as e:
+            if isinstance(e, ColumnsError) or not args.skip_bad_rows:
+                if isinstance(e, ColumnsError):
+                    raise
+                raise DataError(f"{e}\n(pass --skip-bad-rows to skip bad rows with a warning)") from None
+            out.skipped.append(str(e))
+    if not out.records:
+        raise DataError(f"{source}: no usable rows" + (f" ({len(out.skipped)} skipped as bad)" if out.skipped else ""))
+    if out.skipped:
+        log.warning("Skipped %d bad rows of %s; first: %s", len(out.skipped), source, out.skipped[0])
+    return out
+
+
+def _missing_columns(source: str, missing: list[str], found: list[str], args: DataArgs) -> ColumnsError:
+    return ColumnsError(
+        f"{source}: missing columns {missing}; columns found: {found}. Map yours with "
+        f"data.question_column / data.reasoning_column / data.answer_column "
+        f"(now {args.question_column!r}, {args.reasoning_column!r}, {args.answer_column!r})"
+    )
+
+
+def split_records(records: list[Record], args: DataArgs) -> Splits:
+    """Shuffle with `args.seed`; the first `val_size` rows are held out, the next `num_samples` train.
+
+    Raises:
+        DataError: too few rows for the requested split.
+    """
+    if len(records) <= args.val_size:
+        raise DataError(
+            f"{len(records)} rows cannot give data.val_size={args.val_size} held-out rows and still leave rows to train on"
+        )
+    order = list(records)
+    random.Random(args.seed).shuffle(order)
+    val, rest = order[: args.val_size], order[args.val_size :]
+    if args.num_samples is not None:
+        if args.num_samples > len(rest):
+            log.warning(
+                "data.num_samples=%d but only %d rows remain after holding out %d; training on all of them",
+                args.num_samples, len(rest), args.val_size,
+            )
+        rest = rest[: args.num_samples]
+    return Splits(train=rest, val=val)

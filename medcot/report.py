@@ -1,0 +1,170 @@
+"""Report: the files that make a run folder explain itself.
+
+`manifest.json` (versions, data hash, git commit, device, wall time, tokens/s, peak memory),
+`loss.png` (the loss curve) and `report.md` (before/after answers side by side, validation loss).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from .checkpoint import write_atomic
+from .generate import split_reasoning
+from .tracking import read_metrics
+
+DISCLAIMER = "medcot is a research tool. Its answers are not medical advice."
+
+_PACKAGES = ["medcot", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "trl", "liger-kernel"]
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def file_sha256(path: str) -> str | None:
+    p = Path(path)
+    if not p.is_file():
+        return None  # a hub dataset: its id and revision identify it
+    h = hashlib.sha256()
+    with p.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def plot_loss(run_dir: Path) -> Path | None:
+    metrics = read_metrics(run_dir)
+    if not metrics:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], marker="o", ms=3, label="train loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per response token")
+    ax.set_title(f"{run_dir.name}: training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = run_dir / "loss.png"
+    tmp = run_dir / ".loss.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _quote(text: str) -> str:
+    return "\n".join("> " + line if line else ">" for line in text.strip().splitlines()) or "> (empty)"
+
+
+def _answer_block(text: str) -> str:
+    s = split_reasoning(text)
+    answer = s.answer if s.closed else "*(no final answer: the model never closed its reasoning)*"
+    return f"**Reasoning**\n\n{_quote(s.reasoning)}\n\n**Answer**\n\n{_quote(answer) if s.closed else answer}"
+
+
+def write_run_report(run_dir: Path, cfg, result, *, questions, references, lengths, data_source, n_skipped,
+                     model_info, n_trainable, tracker_backend) -> None:
+    manifest = {
+        "run": run_dir.name,
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "device": device_name(model_info["device"]),
+        "model": model_info,
+        "data": {"source": data_source, "sha256": file_sha256(data_source), "bad_rows_skipped": n_skipped,
+                 "token_lengths": lengths.__dict__},
+        "trainable_parameters": n_trainable,
+        "steps": result.steps,
+        "wall_time_s": round(result.wall_s, 1),
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "peak_memory_gib": round(result.peak_mem_gib, 3),
+        "val_loss_before": result.val_loss_before,
+        "val_loss_after": result.val_loss_after,
+        "tracking": tracker_backend,
+    }
+    write_atomic(run_dir / "manifest.json", json.dumps(manifest, indent=2))
+    loss_png = plot_loss(run_dir)
+    lines = [
+        f"# medcot run `{run_dir.name}`",
+        "",
+        f"*{DISCLAIMER}*",
+        "",
+        f"- Base model: `{cfg.model.name_or_path}` ({model_info['dtype']}, quantization {model_info['quantization']}) "
+        f"on {manifest['device']}",
+        f"- LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha} on {', '.join(cfg.lora.target_modules)}: "
+        f"{n_trainable:,} trainable parameters",
+        f"- Data: `{data_source}`; {lengths.summary()}",
+        f"- {result.steps} steps × {cfg.train.per_device_batch_size * cfg.train.gradient_accumulation_steps} rows, "
+        f"lr {cfg.train.learning_rate:g}, wall time {result.wall_s:.0f} s, {result.tokens_per_s:,.0f} tokens/s, "
+        f"peak memory {result.peak_mem_gib:.2f} GiB",
+        "",
+        "## Validation loss (per response token, held-out rows)",
+        "",
+        "| | before | after |",
+        "|---|---|---|",
+        f"| loss | {result.val_loss_before:.4f} | {result.val_loss_after:.4f} |",
+        "",
+    ]
+    if loss_png:
+        lines += ["## Training loss", "", f"![loss curve]({loss_png.name})", ""]
+    lines += ["## Answers before and after (held-out questions)", ""]
+    for i, (q, ref, before, after) in enumerate(zip(questions, references, result.answers_before, result.answers_after), 1):
+        lines += [
+            f"### Question {i}",
+            "",
+            _quote(q),
+            "",
+            "<table><tr><th>before (base model)</th><th>after (base + adapter)</th></tr><tr><td>",
+            "",
+            _answer_block(before),
+            "",
+            "</td><td>",
+            "",
+            _answer_block(after),
+            "",
+            "</td></tr></table>",
+            "",
+            "<details><summary>Reference answer (from the data)</summary>",
+            "",
+            _quote(ref),
+            "",
+            "</details>",
+            "",
+        ]
+    lines += ["## Files", "", "- `adapter/`: LoRA adapter (PEFT format) + tokenizer",
+              "- `config.yaml`: the resolved config", "- `manifest.json`: versions, data hash, device, timings",
+              "- `metrics.jsonl`: one line per logged step", "- `checkpoints/`: resumable checkpoints", ""]
+    write_atomic(run_dir / "report.md", "\n".join(lines))
