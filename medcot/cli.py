@@ -60,6 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--skip-bad-rows", action="store_true", help="count bad rows instead of stopping at the first")
     s.add_argument("--no-tokens", action="store_true", help="skip the token-length report (no tokenizer load)")
     _add_config_args(s)
+    s = dsub.add_parser("overlap", help="n-gram overlap between the training data (data.*) and the eval benchmarks (eval.*)")
+    s.add_argument("--adapter", metavar="RUN_DIR", help="check the training data of this run instead of data.*")
+    _add_config_args(s)
+
+    p = sub.add_parser("eval", help="score base and/or adapter on medical benchmarks; report with chart", epilog=EPILOG)
+    p.add_argument("--adapter", metavar="RUN_DIR", help="a run folder (or adapter folder) from medcot train")
+    p.add_argument("--compare", action="store_true", help="also run the base model on the same items (needs --adapter)")
+    p.add_argument("--limit", type=int, metavar="N", help="= eval.limit (items per benchmark)")
+    p.add_argument("--overlap-only", action="store_true", help="only the contamination check; no model is loaded")
+    p.add_argument("--fresh", action="store_true", help="discard earlier results in eval.output_dir instead of resuming")
+    _add_config_args(p)
     return parser
 
 
@@ -131,12 +142,17 @@ def cmd_config(args) -> int:
     if args.config_command == "keys":
         print(config_help())
         return 0
+    if args.config and "=" in args.config and not Path(args.config).is_file():  # `config show key=value`
+        args.config, args.overrides = None, [args.config, *args.overrides]
     print(load_config(args.config, args.overrides).to_yaml(), end="")
     return 0
 
 
 def cmd_data(args) -> int:
     from .data import load_records
+
+    if args.data_command == "overlap":
+        return cmd_eval(args, overlap_only=True)
 
     cfg = _config(args)
     cfg.data.source = args.file
@@ -158,7 +174,33 @@ def cmd_data(args) -> int:
     return 1 if loaded.skipped else 0
 
 
-COMMANDS = {"train": cmd_train, "ask": cmd_ask, "config": cmd_config, "data": cmd_data}
+def cmd_eval(args, overlap_only: bool = False) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .eval.report import summary_lines
+    from .eval.run import run_eval
+
+    overrides = list(args.overrides or []) + ([f"eval.limit={args.limit}"] if getattr(args, "limit", None) else [])
+    cfg = load_config(args.config, overrides)
+    overlap_only = overlap_only or getattr(args, "overlap_only", False)
+    with logging_redirect_tqdm():
+        result = run_eval(cfg, adapter=args.adapter, compare=getattr(args, "compare", False),
+                          overlap_only=overlap_only, fresh=getattr(args, "fresh", False))
+    print()
+    print("=" * 72)
+    for line in summary_lines(result.summary):
+        print(line)
+    if overlap_only:
+        print(f"Overlap report    {result.out_dir / 'overlap.md'}")
+    else:
+        print(f"Wall time         {result.wall_s:.0f} s")
+        print(f"Report            {result.out_dir / 'report.md'}  ({result.out_dir / 'report.html'})")
+        print(f"Items             {result.out_dir / 'items.jsonl'}")
+    print("=" * 72)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "ask": cmd_ask, "config": cmd_config, "data": cmd_data, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,13 +211,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "httpx", "urllib3", "datasets", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling the nargs="*" overrides after a positional and an option
+    # (`ask Q --adapter RUN key=value`): such leftovers are overrides all the same.
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") or "=" not in e for e in extra):
+        args.overrides = list(args.overrides or []) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args)
     except TrainingInterrupted as e:
         print(f"medcot: {e}", file=sys.stderr)
         return 130
-    except (ConfigError, DataError, ModelSetupError, TrainingDiverged, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, DataError, ModelSetupError, TrainingDiverged, FileNotFoundError, FileExistsError,
+            ValueError) as e:  # ValueError: a bad value (house style), e.g. a prompt template without {question}
         print(f"medcot {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -121,6 +121,19 @@ class TrainArgs:
     )
     seed: int = _help("Seed for LoRA init and batch order.", 3407)
     gradient_checkpointing: bool = _help("Recompute activations in backward: less memory, ~30% more compute.", False)
+    checkpoint_ratio: float = _help(
+        "With gradient_checkpointing: the fraction of decoder layers that recompute (the rest keep their "
+        "activations). Lower is faster and uses more memory.",
+        1.0,
+    )
+    fast_path: Literal["auto", "on", "off"] = _help(
+        "Padding-free packing + fused Liger kernels (RMSNorm, RoPE, SwiGLU, linear+cross-entropy without "
+        "materialised logits). 'auto': on for CUDA. Same rows per step and same loss normalisation as 'off'.",
+        "auto",
+    )
+    micro_batch_tokens: int = _help(
+        "Fast path: most tokens packed into one micro-batch (a step's rows are split across as few as fit).", 16384
+    )
     logging_steps: int = _help("Log a metrics line every N optimizer steps.", 1)
     save_steps: int = _help("Write a resumable checkpoint every N optimizer steps (0: only at the end).", 20)
     report_to: Literal["auto", "wandb", "tensorboard", "none"] = _help(
@@ -141,6 +154,38 @@ class GenerateArgs:
     seed: int = _help("Sampling seed.", 0)
 
 
+EVAL_BENCHMARKS = ["medqa", "medmcqa", "pubmedqa", "mmlu_medical"]
+
+
+@dataclass
+class EvalArgs:
+    """Generative medical benchmarks (`medcot eval`, and train's optional before/after eval)."""
+
+    benchmarks: list[str] = _help(
+        "Benchmarks to run: medqa, medmcqa, pubmedqa, mmlu_medical.", default_factory=lambda: list(EVAL_BENCHMARKS)
+    )
+    source: str = _help(
+        "'embedded' (the shipped 25-item sample per benchmark), 'hub' (each benchmark's hub dataset), or a folder "
+        "of normalized <benchmark>*.jsonl files (e.g. ../shared/data/eval/normalized).",
+        "embedded",
+    )
+    limit: int | None = _help("Items per benchmark, taken in file order (null: all).", None)
+    batch_size: int = _help("Prompts generated together in eval (left-padded, KV cache); generate.* sets sampling.", 16)
+    thinking_budget: int | None = _help(
+        "Reasoning tokens before '</think>' is forced and the answer generated (null: one pass of "
+        "generate.max_new_tokens, no forcing).",
+        1024,
+    )
+    answer_tokens: int = _help("Tokens for the final answer after the reasoning (with thinking_budget).", 64)
+    output_dir: str = _help("Folder for report.md/html, items.jsonl and summary.json; a rerun resumes it.", "eval")
+    exclude_overlap: bool = _help("Leave out benchmark items whose n-grams overlap the training data.", False)
+    overlap_ngram: int = _help("Word n-gram length of the contamination check (GPT-3 used 13; shorter flags more).", 8)
+    overlap_threshold: float = _help(
+        "An item overlaps when this fraction of its question n-grams occurs in a training question.", 0.5
+    )
+    train_eval_limit: int = _help("Items per benchmark that `medcot train` scores before and after (0: off).", 0)
+
+
 @dataclass
 class Config:
     model: ModelArgs = field(default_factory=ModelArgs)
@@ -149,6 +194,7 @@ class Config:
     prompt: PromptArgs = field(default_factory=PromptArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     generate: GenerateArgs = field(default_factory=GenerateArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,6 +225,8 @@ def _check_value(key: str, value: Any, tp: Any) -> tuple[Any, str | None]:
         return value, errors[0]
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
         if value in choices:
             return value, None
         return value, f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}"
@@ -204,6 +252,11 @@ def _check_value(key: str, value: Any, tp: Any) -> tuple[Any, str | None]:
             return value, None
         return value, f"{key}: expected an integer, got {value!r}"
     if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-5, without a dot, as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value), None
         return value, f"{key}: expected a number, got {value!r}"
@@ -257,6 +310,7 @@ def _validate(cfg: Config, errors: list[str]) -> None:
         "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
         "train.max_steps": cfg.train.max_steps,
         "train.logging_steps": cfg.train.logging_steps,
+        "train.micro_batch_tokens": cfg.train.micro_batch_tokens,
         "lora.r": cfg.lora.r,
         "generate.max_new_tokens": cfg.generate.max_new_tokens,
         "generate.batch_size": cfg.generate.batch_size,
@@ -278,6 +332,8 @@ def _validate(cfg: Config, errors: list[str]) -> None:
             errors.append(f"{key}: must be >= 0, got {v}")
     if not 0 < cfg.train.learning_rate < 1:
         errors.append(f"train.learning_rate: must be in (0, 1), got {cfg.train.learning_rate}")
+    if not 0 <= cfg.train.checkpoint_ratio <= 1:
+        errors.append(f"train.checkpoint_ratio: must be in [0, 1], got {cfg.train.checkpoint_ratio}")
     if not 0 <= cfg.lora.dropout < 1:
         errors.append(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
     if not 0 < cfg.generate.top_p <= 1:
@@ -291,6 +347,22 @@ def _validate(cfg: Config, errors: list[str]) -> None:
         )
     if cfg.model.device not in ("auto", "cpu", "cuda") and not cfg.model.device.startswith("cuda:"):
         errors.append(f"model.device: {cfg.model.device!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    _validate_eval(cfg.eval, errors)
+
+
+def _validate_eval(e: EvalArgs, errors: list[str]) -> None:
+    unknown = [b for b in e.benchmarks if b not in EVAL_BENCHMARKS]
+    if unknown or not e.benchmarks:
+        errors.append(f"eval.benchmarks: {unknown or '[]'} not among {', '.join(EVAL_BENCHMARKS)}")
+    for key, v in {"eval.batch_size": e.batch_size, "eval.answer_tokens": e.answer_tokens,
+                   "eval.overlap_ngram": e.overlap_ngram, "eval.limit": e.limit,
+                   "eval.thinking_budget": e.thinking_budget}.items():
+        if v is not None and v <= 0:
+            errors.append(f"{key}: must be > 0{' or null' if key in ('eval.limit', 'eval.thinking_budget') else ''}, got {v}")
+    if e.train_eval_limit < 0:
+        errors.append(f"eval.train_eval_limit: must be >= 0 (0 turns it off), got {e.train_eval_limit}")
+    if not 0 < e.overlap_threshold <= 1:
+        errors.append(f"eval.overlap_threshold: must be in (0, 1], got {e.overlap_threshold}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -65,8 +65,13 @@ def plot_loss(run_dir: Path) -> Path | None:
     metrics = read_metrics(run_dir)
     if not metrics:
         return None
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a minimal install (e.g. a GPU box with only the training deps): no plot, say so
+        import logging
 
+        logging.getLogger(__name__).warning("matplotlib is not installed: no loss.png (pip install matplotlib)")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

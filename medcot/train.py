@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 
 from . import report
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomic
-from .collate import count_loss_tokens, pad_collate, rows_for_step
+from .collate import count_loss_tokens, micro_batches, pack_collate, pad_collate, rows_for_step
 from .config import Config, load_config
 from .data import load_records, split_records
+from .fast import apply_fused_kernels, fast_path_enabled, limit_checkpointing, use_packed_attention
 from .generate import generate, split_reasoning
 from .model import attach_lora, load_base
 from .prompts import Encoded, PromptFormatter, encode_records
@@ -77,8 +78,6 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, on_log: C
         run_dir = Path(cfg.train.output_dir) / name
         if run_dir.exists() and any(run_dir.iterdir()):
             raise FileExistsError(f"{run_dir} already exists; pick another train.run_name or resume it with --resume {run_dir}")
-        run_dir.mkdir(parents=True)
-        write_atomic(run_dir / "config.yaml", cfg.to_yaml())
     t = cfg.train
     torch.manual_seed(t.seed)  # LoRA's A matrices are drawn from this: same seed, same start
 
@@ -96,8 +95,15 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, on_log: C
     on_log(f"tokens: {lengths.summary()}")
     if not train_rows:
         raise ValueError(f"No training rows fit train.max_seq_length={t.max_seq_length}; raise it or set data.overlong=truncate")
-    model = attach_lora(model, cfg.lora, t.gradient_checkpointing)
     device = next(model.parameters()).device
+    packing = fast_path_enabled(t.fast_path, device)
+    kernels = apply_fused_kernels(model, device) if packing else []
+    if packing:
+        use_packed_attention(model)
+    model = attach_lora(model, cfg.lora, t.gradient_checkpointing)
+    n_ckpt = limit_checkpointing(model, t.checkpoint_ratio) if t.gradient_checkpointing else 0
+    on_log(f"fast path: {'on' if packing else 'off'} (packing {'on' if packing else 'off'}, "
+           f"kernels: {', '.join(kernels) or 'none'}); activation recompute in {n_ckpt} layers")
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     on_log(f"model: {model_info['path']} on {model_info['device']} ({model_info['dtype']}, "
@@ -108,6 +114,9 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, on_log: C
     optimizer = _make_optimizer(params, cfg)
     scheduler = _make_scheduler(optimizer, cfg)
     autocast = _autocast(device, model_info["dtype"])
+
+    if resume is None:  # only now: a setup error (bad data, model, optimizer) must not leave a half-made run folder
+        write_atomic(run_dir / "config.yaml", cfg.to_yaml())
 
     # -- Resume or start ----------------------------------------------------------------------
     start_step = 0
@@ -141,16 +150,7 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, on_log: C
             t0 = time.perf_counter()
             idx = rows_for_step(len(train_rows), step, rows_per_step, t.seed)
             rows = [train_rows[i] for i in idx]
-            # Normalise by the loss tokens of the whole optimizer step, not per micro-batch, so every
-            # response token weighs the same however the rows are split into micro-batches.
-            n_loss_tokens = count_loss_tokens(rows)
-            step_loss = 0.0
-            for mb in range(0, len(rows), t.per_device_batch_size):
-                batch = {k: v.to(device) for k, v in pad_collate(rows[mb : mb + t.per_device_batch_size], tokenizer.pad_token_id).items()}
-                with autocast:
-                    loss = model(**batch, num_items_in_batch=n_loss_tokens).loss
-                loss.backward()
-                step_loss += loss.item()  # a CPU-GPU sync per micro-batch; cheap next to the step
+            step_loss = train_step(model, rows, t, tokenizer.pad_token_id, packing, autocast)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
             if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))):
                 last = latest_checkpoint(run_dir)
@@ -159,6 +159,7 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, on_log: C
                     f"step {step + 1}: loss {step_loss} / grad norm {float(grad_norm)} is not finite. "
                     f"Last good checkpoint: {last or 'none'}. Lower train.learning_rate or use model.dtype=bf16/fp32."
                 )
+            lr = scheduler.get_last_lr()[0]  # the rate this step used, before the schedule advances
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -171,7 +172,7 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, on_log: C
             if (step + 1) % t.logging_steps == 0 or step + 1 == t.max_steps:
                 metrics = {
                     "loss": step_loss,
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": lr,
                     "grad_norm": float(grad_norm),
                     "tokens_per_s": n_tokens / dt,
                     "step_time_s": dt,
@@ -227,6 +228,26 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, on_log: C
         tracker_backend=tracker.backend,
     )
     return result
+
+
+def train_step(model, rows: list[Encoded], t, pad_id: int, packing: bool, autocast) -> float:
+    """Forward and backward over one optimizer step's rows; returns the step's loss.
+
+    The loss is normalised by the response tokens of the whole step, not per micro-batch, so every
+    response token weighs the same however the rows are grouped into micro-batches (padded pairs or
+    packed sequences): the fast and plain paths optimise the same objective.
+    """
+    device = next(model.parameters()).device
+    n_loss_tokens = count_loss_tokens(rows)
+    step_loss = torch.zeros((), device=device)
+    for group in micro_batches(rows, t.per_device_batch_size, packing, t.micro_batch_tokens):
+        batch = pack_collate(group) if packing else pad_collate(group, pad_id)
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with autocast:
+            loss = model(**batch, num_items_in_batch=n_loss_tokens).loss
+        loss.backward()
+        step_loss += loss.detach()  # stays on the device: no CPU-GPU sync per micro-batch
+    return float(step_loss)  # one sync per step
 
 
 # ---------------------------------------------------------------------------------------------

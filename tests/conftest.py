@@ -63,3 +63,34 @@ def no_secrets_env(monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     return secrets
+
+
+TINY_DATA = ASSETS / "tiny_cot.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_train_argv(tiny_model_dir):
+    """Build `medcot train` argv for a fast run: the tiny model on the 10-row fixture, CPU, no tracking."""
+
+    def make(output_dir: Path, run_name: str, *overrides: str) -> list[str]:
+        return [
+            "train",
+            f"train.output_dir={output_dir}", f"train.run_name={run_name}",
+            f"model.name_or_path={tiny_model_dir}", "model.device=cpu", "model.dtype=fp32",
+            f"data.source={TINY_DATA}", "data.val_size=2", "train.sample_questions=1",
+            "train.per_device_batch_size=2", "train.gradient_accumulation_steps=1",
+            "train.max_steps=2", "train.warmup_steps=0", "train.learning_rate=1.0e-3", "train.max_seq_length=256",
+            "train.report_to=none", "generate.max_new_tokens=8", *overrides,
+        ]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory, tiny_train_argv) -> Path:
+    """A finished 2-step run of the tiny model: a run folder for `ask` and friends."""
+    from medcot.cli import main
+
+    out = tmp_path_factory.mktemp("tiny-runs")
+    assert main(tiny_train_argv(out, "tiny")) == 0
+    return out / "tiny"
