@@ -29,5 +29,8 @@ for stage in ${1:-model fasttest train bench4}; do case $stage in
            --timeout 200 --out $OUT/train_4bit_mbt${MBT:-4096}_ckr${CKR:-1.0}.json ;;
   bench16) run bench16 python3 bench/train_throughput.py --model $MODEL --data $DATA $COLS --quant none \
            --stacks ${STACKS16:-plain,medcot,unsloth} --steps 10 --warmup 2 --timeout 200 --out $OUT/train_bf16.json ;;
+  evalbench) run evalbench python3 bench/eval_throughput.py --model $MODEL --dtype bf16 --source embedded \
+           --num-prompts 16 --max-new-tokens 64 --batch-sizes 1,16 --fixed-length --out $OUT/eval_throughput.json ;;
+  doctor) [ -f medcot/doctor.py ] && python3 -m medcot doctor --config configs/r1-distill-llama-8b.yaml > $OUT/doctor_gpu.txt 2>&1; cat $OUT/doctor_gpu.txt ;;
 esac; done
 echo "total ${SECONDS}s"

@@ -90,6 +90,7 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(model, tokenizer, prompts, batch_size: int, max_new_tokens: int, device: torch.device) -> dict:
+    """One timed pass over all prompts at `batch_size` (after a short warm-up at the same shape)."""
     from medcot.config import GenerateArgs
     from medcot.generate import generate
 
@@ -103,16 +104,29 @@ def measure(model, tokenizer, prompts, batch_size: int, max_new_tokens: int, dev
     outs = generate(model, tokenizer, prompts, args)
     _sync(device)
     wall = time.perf_counter() - t0
-    tokens = sum(o.num_tokens for o in outs)
+    return {
+        "generated_tokens": sum(o.num_tokens for o in outs),
+        "finished_at_eos": sum(o.finished for o in outs),
+        "wall_s": wall,
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+    }
+
+
+def summarize(batch_size: int, runs: list[dict], n_prompts: int) -> dict:
+    """Median over the repeats: on a shared machine one slow pass should not decide the ratio."""
+    tokens = runs[0]["generated_tokens"]
+    assert all(r["generated_tokens"] == tokens for r in runs), "greedy decoding must repeat exactly"
+    wall = statistics.median(r["wall_s"] for r in runs)
     return {
         "mode": "sequential" if batch_size == 1 else "batched",
         "batch_size": batch_size,
-        "prompts": len(prompts),
+        "prompts": n_prompts,
         "generated_tokens": tokens,
-        "finished_at_eos": sum(o.finished for o in outs),
+        "finished_at_eos": runs[0]["finished_at_eos"],
         "wall_s": round(wall, 3),
+        "wall_s_all": [round(r["wall_s"], 3) for r in runs],
         "tokens_per_s": round(tokens / wall, 2),
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "peak_mem_gib": runs[0]["peak_mem_gib"],
     }
 
 
@@ -125,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-sizes", default="1,8", help="comma-separated; 1 is the one-at-a-time baseline")
     p.add_argument("--fixed-length", action="store_true", help="suppress EOS until max_new_tokens (min_new_tokens = max_new_tokens)")
+    p.add_argument("--repeats", type=int, default=1, help="timed passes per batch size, interleaved; the median counts")
     p.add_argument("--source", default="embedded", help="eval.source the prompts come from (embedded, or a folder)")
     p.add_argument("--out", help="write the results as JSON here")
     a = p.parse_args(argv)
@@ -144,7 +159,11 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = eval_prompts(tok, a.num_prompts, a.source)
     lengths = [len(x) for x in prompts]
 
-    results = [measure(model, tok, prompts, bs, a.max_new_tokens, device) for bs in sizes]
+    runs: dict[int, list[dict]] = {bs: [] for bs in sizes}
+    for _ in range(a.repeats):  # interleaved, so a burst of load on a shared machine hits every mode alike
+        for bs in sizes:
+            runs[bs].append(measure(model, tok, prompts, bs, a.max_new_tokens, device))
+    results = [summarize(bs, runs[bs], len(prompts)) for bs in sizes]
     base = results[0]["tokens_per_s"]
     for r in results:
         r["speedup_vs_sequential"] = round(r["tokens_per_s"] / base, 2) if base else None
@@ -160,13 +179,15 @@ def main(argv: list[str] | None = None) -> dict:
         "prompt_tokens": {"min": min(lengths), "mean": round(statistics.fmean(lengths), 1), "max": max(lengths)},
         "max_new_tokens": a.max_new_tokens,
         "fixed_length": a.fixed_length,
+        "repeats": a.repeats,
         "load_s": round(load_s, 1),
         "results": results,
         "best_speedup_vs_sequential": max(r["speedup_vs_sequential"] or 0 for r in results),
     }
     print(f"{report['model']} on {report['device']}, {report['dtype']}; {len(prompts)} eval prompts of "
           f"{min(lengths)}-{max(lengths)} tokens (mean {report['prompt_tokens']['mean']}), max_new_tokens "
-          f"{a.max_new_tokens}{' (fixed length)' if a.fixed_length else ' (stop at EOS)'}, greedy")
+          f"{a.max_new_tokens}{' (fixed length)' if a.fixed_length else ' (stop at EOS)'}, greedy, "
+          f"median of {a.repeats} pass(es)")
     print(f"{'mode':<11} {'batch':>5} {'gen tokens':>10} {'at EOS':>6} {'wall s':>8} {'tokens/s':>9} {'speedup':>8} {'peak GiB':>8}")
     for r in results:
         print(f"{r['mode']:<11} {r['batch_size']:>5} {r['generated_tokens']:>10} {r['finished_at_eos']:>6} "

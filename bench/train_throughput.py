@@ -117,10 +117,11 @@ def run_medcot(args, tok, rows):
     model, _, _ = load_base(margs)
     device = next(model.parameters()).device
     kernels = apply_fused_kernels(model, device) if fast else []
-    if fast:
-        use_packed_attention(model)
-    model = attach_lora(model, LoraArgs(r=16, alpha=16, dropout=0.0, target_modules=TARGETS), gradient_checkpointing=True)
-    n_ckpt = limit_checkpointing(model, args.checkpoint_ratio) if fast else None
+    ckpt = not (fast and args.no_checkpointing)
+    if fast and not ckpt:
+        use_packed_attention(model)  # the same rule as medcot/train.py
+    model = attach_lora(model, LoraArgs(r=16, alpha=16, dropout=0.0, target_modules=TARGETS), gradient_checkpointing=ckpt)
+    n_ckpt = limit_checkpointing(model, args.checkpoint_ratio) if ckpt and fast else None
     t = TrainArgs(per_device_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
                   micro_batch_tokens=args.micro_batch_tokens)
     dtype = torch.bfloat16
@@ -275,6 +276,8 @@ def main() -> None:
     ap.add_argument("--optim", choices=["adamw_8bit", "adamw"], default="adamw_8bit")
     ap.add_argument("--micro-batch-tokens", type=int, default=16384)
     ap.add_argument("--checkpoint-ratio", type=float, default=1.0)
+    ap.add_argument("--no-checkpointing", action="store_true",
+                    help="medcot stack: no activation checkpointing, varlen flash attention (fastest, most memory)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--timeout", type=int, default=400, help="seconds per stack")
     ap.add_argument("--out", help="write all results as JSON here")

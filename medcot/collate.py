@@ -69,8 +69,7 @@ def pack_collate(rows: list[Encoded]) -> dict[str, torch.Tensor]:
     as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
     # row_bounds stays a Python list: fast.use_packed_attention slices at these offsets, no GPU sync.
     return {"input_ids": as_row(input_ids), "labels": as_row(labels), "position_ids": as_row(positions),
-            "row_bounds": bounds, "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32),
-            "max_row_len": max(len(r.input_ids) for r in rows)}
+            "row_bounds": bounds}
 
 
 def micro_batches(rows: list[Encoded], batch_size: int, packing: bool, max_tokens: int) -> list[list[Encoded]]:

@@ -57,8 +57,7 @@ def apply_fused_kernels(model, device: torch.device) -> list[str]:
 PACKED_ATTENTION = "medcot_packed_sdpa"
 
 
-def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, row_bounds=None,
-                 cu_seq_lens=None, max_row_len=None, **kwargs):
+def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, row_bounds=None, **kwargs):
     """Attention over a packed sequence that never crosses a row boundary.
 
     transformers would build a block-diagonal (tokens × tokens) mask for packed rows, which sends
@@ -78,7 +77,9 @@ def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
         if k.shape[1] != q.shape[1]:
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-        out = varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_row_len, max_row_len, scale=scaling, **causal_kw)
+        cu = torch.tensor(row_bounds, dtype=torch.int32, device=q.device)  # tiny host-to-device copy
+        longest = max(e - s for s, e in zip(row_bounds[:-1], row_bounds[1:]))
+        out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **causal_kw)
         return out.unsqueeze(0), None
     key = repeat_kv(key, query.shape[1] // key.shape[1])
     value = repeat_kv(value, query.shape[1] // value.shape[1])

@@ -47,7 +47,7 @@ def test_pack_collate_resets_positions_and_masks_row_starts():
     assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     # The second row's first label is masked: it would be predicted from the first row's last token.
     assert b["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5]]
-    assert b["row_bounds"] == [0, 3, 5] and b["cu_seq_lens"].tolist() == [0, 3, 5] and b["max_row_len"] == 3
+    assert b["row_bounds"] == [0, 3, 5]
     assert "attention_mask" not in b
 
 

@@ -1,0 +1,283 @@
+"""Eval report: `report.md`, `report.html` (chart inlined) and `accuracy.png` from summary + items.
+
+Both documents are rendered from one list of blocks (heading, paragraph, list, table, image), so
+the Markdown and the HTML always say the same thing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections import Counter
+from pathlib import Path
+
+from ..checkpoint import write_atomic
+from ..report import DISCLAIMER
+
+COLORS = {"base": "#8c8c8c", "adapter": "#1f77b4", "train": "#1f77b4"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Chart
+
+
+def plot_accuracy(summary: dict) -> bytes:
+    """Grouped bars per benchmark (one per model) with Wilson 95% error bars and the chance level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tags = list(summary["models"])
+    names = list(summary["titles"])
+    width = 0.8 / len(tags)
+    fig, ax = plt.subplots(figsize=(1.9 * len(names) + 2, 4), dpi=130)
+    for j, tag in enumerate(tags):
+        scores = [summary["models"][tag]["benchmarks"][n] for n in names]
+        xs = [i + (j - (len(tags) - 1) / 2) * width for i in range(len(names))]
+        acc = [100 * s["accuracy"] for s in scores]
+        err = [[max(0.0, 100 * (s["accuracy"] - s["ci_low"])) for s in scores],
+               [max(0.0, 100 * (s["ci_high"] - s["accuracy"])) for s in scores]]
+        ax.bar(xs, acc, width * 0.95, yerr=err, capsize=4, color=COLORS.get(tag, None), label=tag,
+               error_kw={"elinewidth": 1, "ecolor": "#333333"})
+        for x, a in zip(xs, acc):
+            inside = a >= 8
+            ax.text(x, 1 if inside else a + 1, f"{a:.0f}", ha="center", va="bottom", fontsize=8,
+                    color="white" if inside else "#333333", fontweight="bold")
+    for i, n in enumerate(names):
+        chance = 100 * summary["models"][tags[0]]["benchmarks"][n]["chance"]
+        ax.hlines(chance, i - 0.45, i + 0.45, colors="#d62728", linestyles="--", linewidth=1.2,
+                  label="chance" if i == 0 else None)
+    ns = [summary["models"][tags[0]]["benchmarks"][n]["n"] for n in names]
+    ax.set_xticks(range(len(names)), [f"{n}\n(n={k})" for n, k in zip(names, ns)], fontsize=9)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Accuracy per benchmark, 95% Wilson intervals" + (": before vs after" if len(tags) > 1 else ""))
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks → Markdown / HTML
+
+
+def _md(blocks: list[tuple]) -> str:
+    out = []
+    for b in blocks:
+        kind = b[0]
+        if kind == "h1":
+            out += [f"# {b[1]}", ""]
+        elif kind == "h2":
+            out += [f"## {b[1]}", ""]
+        elif kind == "p":
+            out += [b[1], ""]
+        elif kind == "ul":
+            out += [f"- {x}" for x in b[1]] + [""]
+        elif kind == "table":
+            header, rows = b[1], b[2]
+            out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            out += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in r) + " |" for r in rows]
+            out.append("")
+        elif kind == "img":
+            out += [f"![{b[2]}]({b[1]})", ""]
+        elif kind == "details":
+            out += [f"<details><summary>{html.escape(b[1])}</summary>", "", "```text", b[2].replace("```", "'''"),
+                    "```", "", "</details>", ""]
+    return "\n".join(out)
+
+
+def _html(blocks: list[tuple], png: bytes | None) -> str:
+    e = html.escape
+    body = []
+    for b in blocks:
+        kind = b[0]
+        if kind in ("h1", "h2", "p"):
+            tag = kind if kind != "p" else "p"
+            body.append(f"<{tag}>{e(b[1])}</{tag}>")
+        elif kind == "ul":
+            body.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in b[1]) + "</ul>")
+        elif kind == "table":
+            head = "".join(f"<th>{e(h)}</th>" for h in b[1])
+            rows = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in b[2])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif kind == "img" and png is not None:
+            data = base64.b64encode(png).decode()
+            body.append(f'<img alt="{e(b[2])}" src="data:image/png;base64,{data}">')
+        elif kind == "details":
+            body.append(f"<details><summary>{e(b[1])}</summary><pre>{e(b[2])}</pre></details>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+             "th{background:#f3f3f3}img{max-width:100%}pre{white-space:pre-wrap;background:#f7f7f7;padding:8px}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>medcot eval</title><style>{style}</style>"
+            f"</head><body>{''.join(body)}</body></html>")
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _acc(s: dict) -> str:
+    return f"{_pct(s['accuracy'])} [{100 * s['ci_low']:.1f}–{100 * s['ci_high']:.1f}] ({s['correct']}/{s['n']})"
+
+
+def _blocks(summary: dict, records: dict, chart: str | None) -> list[tuple]:
+    st = summary["settings"]
+    tags = list(summary["models"])
+    names = list(summary["titles"])
+    blocks: list[tuple] = [("h1", "medcot eval"), ("p", DISCLAIMER)]
+    decoding = "greedy" if st["temperature"] == 0 else f"sampling (temperature {st['temperature']}, top_p {st['top_p']})"
+    budget = (f"reasoning up to {st['thinking_budget']} tokens, then '</think>' is forced and the answer gets "
+              f"{st['answer_tokens']} tokens" if st["thinking_budget"] else
+              f"one pass of {st.get('max_new_tokens')} tokens (no thinking budget)")
+    blocks.append(("ul", [f"{tag}: {summary['models'][tag]['label']}" for tag in tags] + [
+        f"Items: source {st['source']}, " + ", ".join(
+            f"{n} {summary['models'][tags[0]]['benchmarks'][n]['n']}" for n in names)
+        + (f" (limit {st['limit']} per benchmark, spread evenly over each file)" if st["limit"] else ""),
+        f"Prompt: the training prompt ({st['prompt_template']} template) with the question, lettered options and "
+        f"an instruction to finish with the answer; decoding {decoding}; {budget}",
+        f"Wall time {summary.get('wall_s', 0):.0f} s",
+    ]))
+
+    # -- Accuracy
+    blocks.append(("h2", "Accuracy"))
+    header = ["benchmark", "chance"] + [f"{t} accuracy [95% CI] (correct/n)" for t in tags]
+    if summary["comparison"]:
+        header += ["Δ after − before", "only before ✓ / only after ✓", "McNemar p"]
+    rows = []
+    for n in names:
+        first = summary["models"][tags[0]]["benchmarks"][n]
+        row = [summary["titles"][n], _pct(first["chance"])] + [_acc(summary["models"][t]["benchmarks"][n]) for t in tags]
+        c = summary["comparison"].get(n)
+        if c:
+            row += [f"{100 * c['delta']:+.1f} pts", f"{c['only_before_correct']} / {c['only_after_correct']}",
+                    f"{c['mcnemar_p']:.3f}"]
+        rows.append(row)
+    blocks.append(("table", header, rows))
+    blocks.append(("p", "Chance is uniform guessing over each item's answer choices (25% for 4 options, 33.3% for "
+                        "yes/no/maybe). Unparseable answers count as wrong. Intervals are Wilson 95% score intervals; "
+                        "the before/after test is an exact McNemar test on the paired items."))
+    if chart:
+        blocks.append(("img", chart, "accuracy per benchmark with 95% intervals"))
+
+    # -- Extraction
+    blocks.append(("h2", "Answers and extraction"))
+    rows = []
+    for t in tags:
+        for n in names:
+            s = summary["models"][t]["benchmarks"][n]
+            recs = records[t][n]
+            methods = Counter(r["method"] for r in recs).most_common(3)
+            rows.append([n, t, f"{s['unparseable']} ({_pct(s['unparseable_rate'])})", _pct(s["closed_rate"]),
+                         f"{sum(r['forced'] for r in recs)}", f"{s['mean_output_tokens']:.0f}",
+                         ", ".join(f"{m} {k}" for m, k in methods)])
+    blocks.append(("table", ["benchmark", "model", "unparseable", "closed </think> itself", "forced </think>",
+                             "mean output tokens", "extraction methods (top 3)"], rows))
+    blocks.append(("p", "The answer is read from the text after </think>; where the model never wrote </think>, "
+                        "only an explicitly stated answer in the whole output counts (method whole_output:explicit). "
+                        "items.jsonl holds every prompt, output, extracted label and method."))
+
+    # -- CoT loss
+    cot = summary.get("cot_loss") or {}
+    if any(cot.values()):
+        blocks.append(("h2", "Held-out chain-of-thought loss"))
+        rows = [[t, f"{c['loss']:.4f}", f"{c['perplexity']:.2f}", str(c["rows"]), c["source"]]
+                for t, c in cot.items() if c]
+        blocks.append(("table", ["model", "loss per response token", "perplexity", "validation rows", "data"], rows))
+        blocks.append(("p", "The training run's validation rows (its data.val_size held-out rows), with the training "
+                            "prompt; the loss covers the reasoning, the answer and EOS, as medcot train reports it."))
+
+    # -- Overlap
+    ov = summary.get("overlap")
+    blocks.append(("h2", "Contamination check"))
+    if ov:
+        blocks += _overlap_blocks(ov)
+        if summary.get("excluded_overlapping"):
+            blocks.append(("p", "Excluded from scoring (eval.exclude_overlap=true): " + ", ".join(
+                f"{n} {k}" for n, k in summary["excluded_overlapping"].items())))
+    else:
+        blocks.append(("p", "Skipped: the training data could not be loaded (see the log)."))
+
+    # -- Examples
+    blocks.append(("h2", "Examples"))
+    for n in names:
+        recs = {t: records[t][n] for t in tags}
+        pick = 0
+        if len(tags) > 1:  # show an item where the two models disagree, if there is one
+            diff = [i for i, (a, b) in enumerate(zip(recs[tags[0]], recs[tags[1]])) if a["correct"] != b["correct"]]
+            pick = diff[0] if diff else 0
+        for t in tags:
+            if pick < len(recs[t]):
+                r = recs[t][pick]
+                blocks.append(("details", f"{n} {r['id']} — {t}: extracted {r['extracted']} ({r['method']}), "
+                                          f"gold {r['answer']}, {'correct' if r['correct'] else 'wrong'}",
+                               f"{r['prompt']}{r['output']}"))
+    blocks.append(("h2", "Files"))
+    blocks.append(("ul", ["items.jsonl: one line per model and item (prompt, output, extracted label, method, correct)",
+                          "summary.json: every number in this report", "accuracy.png: the chart",
+                          "settings.json: what produced items.jsonl (a rerun must match it to resume)"]))
+    return blocks
+
+
+def _overlap_blocks(ov: dict) -> list[tuple]:
+    rows = [[n, str(r["n_items"]), str(r["n_overlapping"]), str(r["n_any"]), _pct(r["max_score"]),
+             ", ".join(f"{f['id']} ({_pct(f['score'])}, train row {f['train_row']})" for f in r["flagged"][:5])]
+            for n, r in ov["benchmarks"].items()]
+    return [
+        ("p", f"Word {ov['ngram']}-grams of each benchmark question stem against the {ov['training_questions']} "
+              f"training questions of {ov['training_source']}. An item overlaps when at least "
+              f"{_pct(ov['threshold'])} of its n-grams occur there (stems shorter than {ov['ngram']} words: the whole "
+              f"stem inside a training question). Paraphrased questions are not detected."),
+        ("table", ["benchmark", "items", "overlapping", "sharing any n-gram", "max overlap", "overlapping items (first 5)"],
+         rows),
+    ]
+
+
+def write_report(out: Path, summary: dict, records: dict) -> None:
+    """Write accuracy.png, report.md and report.html into `out`."""
+    png = plot_accuracy(summary)
+    write_atomic(out / "accuracy.png", png)
+    blocks = _blocks(summary, records, "accuracy.png")
+    write_atomic(out / "report.md", _md(blocks))
+    write_atomic(out / "report.html", _html(blocks, png))
+
+
+def write_overlap_report(path: Path, ov: dict | None) -> None:
+    blocks = [("h1", "medcot contamination check")]
+    blocks += _overlap_blocks(ov) if ov else [("p", "Skipped: the training data could not be loaded.")]
+    write_atomic(path, _md(blocks))
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The end-of-command block: `Final: n/N (acc%)` per benchmark and model, side by side."""
+    tags = list(summary.get("models", {}))
+    lines = []
+    for n in summary.get("titles", {}):
+        cells = []
+        for t in tags:
+            s = summary["models"][t]["benchmarks"][n]
+            cells.append(f"{t} {s['correct']}/{s['n']} ({100 * s['accuracy']:.1f}%, CI {100 * s['ci_low']:.0f}-"
+                         f"{100 * s['ci_high']:.0f}, unparseable {100 * s['unparseable_rate']:.0f}%)")
+        c = summary["comparison"].get(n)
+        delta = f"  Δ {100 * c['delta']:+.1f} pts (McNemar p {c['mcnemar_p']:.2f})" if c else ""
+        chance = 100 * summary["models"][tags[0]]["benchmarks"][n]["chance"]
+        lines.append(f"{n:<13} chance {chance:4.1f}%  " + "  ->  ".join(cells) + delta)
+    cot = {t: c for t, c in (summary.get("cot_loss") or {}).items() if c}
+    if cot:
+        lines.append("held-out CoT loss  " + "  ->  ".join(
+            f"{t} {c['loss']:.4f} (perplexity {c['perplexity']:.2f})" for t, c in cot.items()))
+    ov = summary.get("overlap")
+    if ov:
+        lines.append("overlap       " + ", ".join(
+            f"{n} {r['n_overlapping']}/{r['n_items']}" for n, r in ov["benchmarks"].items())
+            + f" items share >= {100 * ov['threshold']:.0f}% of {ov['ngram']}-grams with the training questions")
+    return lines

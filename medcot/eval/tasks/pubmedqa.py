@@ -1,0 +1,66 @@
+"""PubMedQA (PQA-L): a research question and its abstract (without the conclusion); answer
+yes / no / maybe. Chance: 33.3% (guessing uniformly over three labels).
+
+Hub: qiaojin/PubMedQA, config `pqa_labeled`, split `train` (all 1,000 expert-labelled items),
+columns `pubid`, `question`, `context` ({"contexts": [...], ...}), `final_decision`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...data import DataError
+from ..extract import Extraction, extract_yes_no
+from .common import Item, Task
+
+LABELS = ("yes", "no", "maybe")
+
+
+class PubMedQA(Task):
+    name = "pubmedqa"
+    title = "PubMedQA (PQA-L, yes/no/maybe)"
+    file_prefix = "pubmedqa"
+    hub_id = "qiaojin/PubMedQA"
+    hub_configs = ("pqa_labeled",)
+    hub_split = "train"
+    answer_case_insensitive = True
+
+    def from_hub_row(self, row: dict, index: int, config: str | None) -> dict:
+        ctx = row.get("context")
+        contexts = ctx.get("contexts") if isinstance(ctx, dict) else ctx
+        return {
+            "id": f"pubmedqa_{row.get('pubid', index)}",
+            "benchmark": self.name,
+            "question": row.get("question"),
+            "options": None,
+            # the abstract's sections joined with a space, as in the normalized files
+            "context": " ".join(contexts) if isinstance(contexts, list) else contexts,
+            "answer": row.get("final_decision"),
+        }
+
+    def validate(self, row: Any, where: str, rownum: int) -> Item:
+        item = super().validate(row, where, rownum)
+        if not item.context or not item.context.strip():
+            raise DataError(
+                f"{where}: row {rownum}: field 'context': missing or empty "
+                "(a PubMedQA question is answered from its abstract)"
+            )
+        return item
+
+    def _validate_options(self, options: Any, bad) -> None:
+        if options not in (None, {}, []):
+            raise bad("options", f"PubMedQA items have no options (yes/no/maybe), got {options!r}")
+        return None
+
+    def labels(self, item: Item | None) -> tuple[str, ...]:
+        return LABELS
+
+    def render(self, item: Item) -> str:
+        return (
+            f"Context: {item.context}\n\nQuestion: {item.question}\n\n"
+            "Based on the context, answer yes, no or maybe. After your reasoning, finish with "
+            "\"The answer is yes\", \"The answer is no\" or \"The answer is maybe\"."
+        )
+
+    def extract(self, output: str, item: Item) -> Extraction:
+        return extract_yes_no(output)
