@@ -2,6 +2,7 @@
 
     medcot train --config configs/demo-cpu.yaml train.max_steps=20
     medcot ask "A 60-year-old smoker has haemoptysis..." --adapter runs/demo
+    medcot serve --adapter runs/demo              # OpenAI-compatible API + chat page on 127.0.0.1:8000
     medcot config show configs/r1-distill-llama-8b.yaml
     medcot data check my_rows.jsonl
 
@@ -11,6 +12,7 @@ Any config key can be overridden after the command as `section.key=value`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -46,6 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="RUN_DIR", help="a run folder (or adapter folder) from medcot train")
     _add_config_args(p)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible API + chat page, reasoning apart (docs/serve.md)",
+                       epilog=EPILOG + ". Non-loopback hosts need MEDCOT_API_KEY.")
+    p.add_argument("--adapter", metavar="RUN_DIR", help="a run folder (or adapter folder) from medcot train")
+    p.add_argument("--host", help="= serve.host (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="= serve.port (default 8000)")
+    _add_config_args(p)
+
+    p = sub.add_parser("doctor", help="check this machine against a config: GPU, bf16, bitsandbytes, versions, disk",
+                       epilog=EPILOG)
+    _add_config_args(p)
+
     p = sub.add_parser("config", help="show the resolved config or every key")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     s = csub.add_parser("show", help="print the resolved config (defaults < file < overrides)")
@@ -71,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap-only", action="store_true", help="only the contamination check; no model is loaded")
     p.add_argument("--fresh", action="store_true", help="discard earlier results in eval.output_dir instead of resuming")
     _add_config_args(p)
+
+    p = sub.add_parser("export", help="merge the adapter into the base: safetensors or GGUF; push to the hub")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder from medcot train")
+    p.add_argument("--to", required=True, choices=["merged", "gguf"],
+                   help="merged: 16-bit safetensors for transformers/vLLM; gguf: one file for llama.cpp/Ollama")
+    p.add_argument("--out", metavar="DIR", help="export folder (default: RUN_DIR/export/<to>-<dtype>)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weight dtype (default: bf16 merged, fp16 gguf)")
+    p.add_argument("--force", action="store_true", help="replace an existing export folder")
+    p.add_argument("--push", metavar="REPO_ID", help="upload the export to this hub model repo (token: HF_TOKEN)")
+    p.add_argument("--dry-run", action="store_true", help="with --push: list the files and sizes, upload nothing")
     return parser
 
 
@@ -93,6 +116,9 @@ def cmd_train(args) -> int:
     cfg = None if args.resume else _config(args)
     if cfg is not None:
         log.info("resolved config:\n%s", cfg.to_yaml())
+    from .doctor import check_ready
+
+    check_ready(cfg, resume=args.resume, config_name=args.config)  # fail fast, before data and model load
     with logging_redirect_tqdm():
         result = train(cfg, resume=args.resume)
     print()
@@ -136,6 +162,29 @@ def cmd_ask(args) -> int:
         print("\n--- answer ---\n(none: the model did not finish its reasoning within generate.max_new_tokens)", end="")
     print()
     return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .serve import serve
+    except ImportError as e:
+        print(f"medcot serve: error: {e.name} is not installed: pip install 'medcot[serve]'", file=sys.stderr)
+        return 2
+
+    overrides = list(args.overrides or [])
+    if args.host:
+        overrides.append(f"serve.host={json.dumps(args.host)}")  # quoted: YAML would read "::" as a mapping
+    if args.port:
+        overrides.append(f"serve.port={args.port}")
+    cfg = load_config(args.config, overrides)
+    log.info("resolved config:\n%s", cfg.to_yaml())
+    return serve(cfg, adapter=args.adapter)
+
+
+def cmd_doctor(args) -> int:
+    from . import doctor
+
+    return doctor.main(_config(args), args.config)
 
 
 def cmd_config(args) -> int:
@@ -200,7 +249,30 @@ def cmd_eval(args, overlap_only: bool = False) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "ask": cmd_ask, "config": cmd_config, "data": cmd_data, "eval": cmd_eval}
+def cmd_export(args) -> int:
+    from .export import export, format_plan
+
+    result = export(args.run_dir, args.to, out=args.out, dtype=args.dtype, force=args.force,
+                    push=args.push, dry_run=args.dry_run)
+    print()
+    print("=" * 72)
+    print(f"Export            {result.out_dir}  ({result.to}, {result.dtype}"
+          + (", existing export reused)" if result.reused else ")"))
+    print(f"Model card        {result.out_dir / 'README.md'}")
+    if result.to == "merged":
+        template = "" if result.prompt_template == "seed" else f" prompt.template={result.prompt_template}"
+        print(f"Try it            medcot ask \"<question>\" model.name_or_path={result.out_dir}{template}")
+    else:
+        print(f"Try it            cd {result.out_dir} && ollama create {Path(args.run_dir).name.lower()} -f Modelfile")
+    if args.push:
+        print(f"{'Would upload' if args.dry_run else 'Uploaded':<18}to {args.push} (hub model repo)")
+        print("\n".join(format_plan(result.files)))
+    print("=" * 72)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "ask": cmd_ask, "doctor": cmd_doctor, "config": cmd_config, "data": cmd_data,
+            "eval": cmd_eval, "export": cmd_export, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -187,6 +187,43 @@ class EvalArgs:
 
 
 @dataclass
+class ServeArgs:
+    """`medcot serve`: the OpenAI-compatible HTTP API and chat page (docs/serve.md)."""
+
+    host: str = _help(
+        "Address to bind. Anything but loopback (127.0.0.1, ::1, localhost) needs MEDCOT_API_KEY set.", "127.0.0.1"
+    )
+    port: int = _help("TCP port.", 8000)
+    model_name: str | None = _help("Model id that /v1/models lists and requests name (null: 'medcot').", None)
+    max_batch_size: int = _help(
+        "Requests decoded together (continuous batching); higher raises throughput and KV-cache memory.", 8
+    )
+    max_queue: int = _help("Requests waiting for a batch slot; beyond batch + queue the answer is 429 + Retry-After.", 32)
+    max_tokens_limit: int = _help("Largest max_tokens a request may ask for (400 above); bounds time and memory.", 2048)
+    max_prompt_tokens: int = _help("Longest prompt in tokens, whole conversation included (400 above).", 4096)
+    max_body_bytes: int = _help("Largest request body in bytes (413 above).", 1_048_576)
+    request_timeout_s: float = _help(
+        "A request still generating after this many seconds ends cleanly (finish_reason 'length'); one still "
+        "waiting for a slot gets 503.",
+        300.0,
+    )
+    cors_origins: list[str] = _help("Origins allowed to call the API from a browser page (empty: CORS off).",
+                                    default_factory=list)
+
+
+def _validate_serve(s: ServeArgs, errors: list[str]) -> None:
+    for key in ("max_batch_size", "max_tokens_limit", "max_prompt_tokens", "max_body_bytes"):
+        if getattr(s, key) <= 0:
+            errors.append(f"serve.{key}: must be > 0, got {getattr(s, key)}")
+    if s.max_queue < 0:
+        errors.append(f"serve.max_queue: must be >= 0 (0: no waiting, 429 once the batch is full), got {s.max_queue}")
+    if not 0 < s.port < 65536:
+        errors.append(f"serve.port: must be in 1..65535, got {s.port}")
+    if s.request_timeout_s <= 0:
+        errors.append(f"serve.request_timeout_s: must be > 0, got {s.request_timeout_s}")
+
+
+@dataclass
 class Config:
     model: ModelArgs = field(default_factory=ModelArgs)
     lora: LoraArgs = field(default_factory=LoraArgs)
@@ -195,6 +232,7 @@ class Config:
     train: TrainArgs = field(default_factory=TrainArgs)
     generate: GenerateArgs = field(default_factory=GenerateArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
+    serve: ServeArgs = field(default_factory=ServeArgs)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -348,6 +386,7 @@ def _validate(cfg: Config, errors: list[str]) -> None:
     if cfg.model.device not in ("auto", "cpu", "cuda") and not cfg.model.device.startswith("cuda:"):
         errors.append(f"model.device: {cfg.model.device!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
     _validate_eval(cfg.eval, errors)
+    _validate_serve(cfg.serve, errors)
 
 
 def _validate_eval(e: EvalArgs, errors: list[str]) -> None:

@@ -35,7 +35,8 @@ def resolve_dtype(args: ModelArgs, device: torch.device) -> torch.dtype:
             raise ModelSetupError("model.dtype=bf16 but this GPU has no bf16 support; use model.dtype=fp16 (or auto)")
         return dtype
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Emulated bf16 (e.g. a T4) is slow: 'auto' takes bf16 only where the GPU has it natively.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.float32  # CPU: fp32 is both the fastest and the safest on most CPUs
 
 

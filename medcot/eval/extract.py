@@ -7,16 +7,19 @@ says so (`whole_output:explicit`).
 
 How, in order (the first rule that yields exactly one label wins; the method names the rule):
 - `explicit`: a stated answer: "The answer is (C)", "Answer: B", "correct option is D",
-  "option C is correct", "I'd go with A", `\\boxed{B}`. When several are stated the last one counts
-  (models revise; the final statement is the answer).
+  "option C is correct", "I'd go with A", `\\boxed{B}`. Inside the reasoning the last statement
+  counts (models revise as they think); a final answer that states two different labels ("The
+  answer is A. ... The answer is B", typical of a small model listing options) is a `conflict`:
+  unparseable.
 - `leading`: the answer starts with the label ("B. Cholesterol embolization", "(B)", "Yes, ...")
   and names no other label.
 - `letter` / `word`: exactly one distinct bare mention of a label ("(C)", "option C"; "maybe").
 - `option_text`: exactly one option's text appears (longest match wins over a contained one);
   if it disagrees with a bare-letter mention the output is ambiguous.
-Anything else is unparseable (`label=None`, method `none`): it is scored wrong and counted apart.
+Anything else is unparseable (`label=None`, method `none` or `...:conflict`): it is scored wrong
+and counted apart.
 
-    python -m pytest tests/eval/test_extract.py   # the hand-written cases in extractor_cases.jsonl
+    python -m pytest tests/eval/test_eval_extract.py   # the hand-written cases in extractor_cases.jsonl
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def _clean(text: str) -> str:
 def _choice_patterns(letters: str) -> dict[str, re.Pattern]:
     up, low = letters, letters.lower()
     # A label: "(C)", "[c]" (case-free inside brackets), or a bare capital letter that is not the
-    # start of a word ("B-cell", "A 45-year-old" are words, not labels).
+    # start of a word ("B-cell", "B12", "Aspirin" are words, not labels).
     let = rf"(?:[\(\[]\s*(?P<b>[{up}{low}])\s*[\)\]]|(?-i:(?P<l>[{up}]))(?![\w'\-]))"
     end = r"(?=\s*(?:$|[\.\)\]:,;!?]|\s[-–—]))"  # the letter ends its clause
     verb = r"(?:is|was|would\s+be|will\s+be|should\s+be|must\s+be|=|:|-|–)"
@@ -123,7 +126,8 @@ def _option_text_label(text: str, options: dict[str, str]) -> str | None:
     return specific[0] if len(specific) == 1 else None
 
 
-def _choice(text: str, options: dict[str, str], final: bool) -> tuple[str, str] | None:
+def _choice(text: str, options: dict[str, str], final: bool) -> tuple[str | None, str] | None:
+    """(label, rule) for one region; `final`: the region is the answer after </think>, not the reasoning."""
     letters = "".join(options)
     pats = _choice_patterns(letters)
     text = _clean(text)
@@ -131,6 +135,8 @@ def _choice(text: str, options: dict[str, str], final: bool) -> tuple[str, str] 
         return None
     explicit = list(pats["explicit"].finditer(text))
     if explicit:
+        if final and len({_group_letter(m) for m in explicit}) > 1:
+            return None, "conflict"  # a final answer naming two different options commits to neither
         return _group_letter(max(explicit, key=lambda m: m.start())), "explicit"
     if not final:
         return None  # inside the reasoning only a stated answer counts, not options being discussed
@@ -193,6 +199,9 @@ def extract_yes_no(output: str) -> Extraction:
     text = _clean(text)
     explicit = list(_YN_EXPLICIT.finditer(text))
     if explicit:
+        labels = {_yn_label(m.group("w") or m.group("v")) for m in explicit}
+        if where == "after_think" and len(labels) > 1:
+            return Extraction(None, f"{where}:conflict")
         m = max(explicit, key=lambda m: m.start())
         return Extraction(_yn_label(m.group("w") or m.group("v")), f"{where}:explicit")
     if where != "after_think":

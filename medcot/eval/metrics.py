@@ -12,6 +12,7 @@ intervals would throw that pairing away and be far too conservative.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -52,7 +53,10 @@ class Score:
     unparseable_rate: float
     mean_output_tokens: float
     closed_rate: float  # outputs where the model closed its reasoning itself (no forced </think>)
-    chance: float
+    chance: float  # uniform guessing over each item's choices
+    majority: float  # always answering the most common gold label of these items (PubMedQA is ~55% "yes")
+    top_prediction: str | None  # the label the model gave most often, and its share: a constant answer shows here
+    top_prediction_share: float
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,8 +68,10 @@ class Score:
 
 
 def score(records: list[dict], chance: float) -> Score:
-    """Aggregate per-item records (dicts with `correct`, `extracted`, `num_tokens`, `closed`)."""
+    """Aggregate per-item records (dicts with `correct`, `extracted`, `answer`, `num_tokens`, `closed`)."""
     n = len(records)
+    gold = Counter(r["answer"] for r in records).most_common(1)
+    preds = Counter(r["extracted"] for r in records if r["extracted"] is not None).most_common(1)
     correct = sum(bool(r["correct"]) for r in records)
     unparseable = sum(r["extracted"] is None for r in records)
     lo, hi = wilson_interval(correct, n)
@@ -75,6 +81,9 @@ def score(records: list[dict], chance: float) -> Score:
         mean_output_tokens=sum(r["num_tokens"] for r in records) / n if n else 0.0,
         closed_rate=sum(bool(r["closed"]) for r in records) / n if n else 0.0,
         chance=chance,
+        majority=gold[0][1] / n if gold else 0.0,
+        top_prediction=preds[0][0] if preds else None,
+        top_prediction_share=preds[0][1] / n if preds else 0.0,
     )
 
 

@@ -46,9 +46,11 @@ def plot_accuracy(summary: dict) -> bytes:
             ax.text(x, 1 if inside else a + 1, f"{a:.0f}", ha="center", va="bottom", fontsize=8,
                     color="white" if inside else "#333333", fontweight="bold")
     for i, n in enumerate(names):
-        chance = 100 * summary["models"][tags[0]]["benchmarks"][n]["chance"]
-        ax.hlines(chance, i - 0.45, i + 0.45, colors="#d62728", linestyles="--", linewidth=1.2,
-                  label="chance" if i == 0 else None)
+        first = summary["models"][tags[0]]["benchmarks"][n]
+        ax.hlines(100 * first["chance"], i - 0.45, i + 0.45, colors="#d62728", linestyles="--", linewidth=1.2,
+                  label="chance (uniform guess)" if i == 0 else None)
+        ax.hlines(100 * first["majority"], i - 0.45, i + 0.45, colors="#ff7f0e", linestyles=":", linewidth=1.4,
+                  label="always the most common answer" if i == 0 else None)
     ns = [summary["models"][tags[0]]["benchmarks"][n]["n"] for n in names]
     ax.set_xticks(range(len(names)), [f"{n}\n(n={k})" for n, k in zip(names, ns)], fontsize=9)
     ax.set_ylabel("accuracy (%)")
@@ -98,8 +100,7 @@ def _html(blocks: list[tuple], png: bytes | None) -> str:
     for b in blocks:
         kind = b[0]
         if kind in ("h1", "h2", "p"):
-            tag = kind if kind != "p" else "p"
-            body.append(f"<{tag}>{e(b[1])}</{tag}>")
+            body.append(f"<{kind}>{e(b[1])}</{kind}>")
         elif kind == "ul":
             body.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in b[1]) + "</ul>")
         elif kind == "table":
@@ -150,13 +151,14 @@ def _blocks(summary: dict, records: dict, chart: str | None) -> list[tuple]:
 
     # -- Accuracy
     blocks.append(("h2", "Accuracy"))
-    header = ["benchmark", "chance"] + [f"{t} accuracy [95% CI] (correct/n)" for t in tags]
+    header = ["benchmark", "chance", "most common answer"] + [f"{t} accuracy [95% CI] (correct/n)" for t in tags]
     if summary["comparison"]:
         header += ["Δ after − before", "only before ✓ / only after ✓", "McNemar p"]
     rows = []
     for n in names:
         first = summary["models"][tags[0]]["benchmarks"][n]
-        row = [summary["titles"][n], _pct(first["chance"])] + [_acc(summary["models"][t]["benchmarks"][n]) for t in tags]
+        row = [summary["titles"][n], _pct(first["chance"]), _pct(first["majority"])]
+        row += [_acc(summary["models"][t]["benchmarks"][n]) for t in tags]
         c = summary["comparison"].get(n)
         if c:
             row += [f"{100 * c['delta']:+.1f} pts", f"{c['only_before_correct']} / {c['only_after_correct']}",
@@ -164,8 +166,10 @@ def _blocks(summary: dict, records: dict, chart: str | None) -> list[tuple]:
         rows.append(row)
     blocks.append(("table", header, rows))
     blocks.append(("p", "Chance is uniform guessing over each item's answer choices (25% for 4 options, 33.3% for "
-                        "yes/no/maybe). Unparseable answers count as wrong. Intervals are Wilson 95% score intervals; "
-                        "the before/after test is an exact McNemar test on the paired items."))
+                        "yes/no/maybe); 'most common answer' is what always giving the most frequent gold label of "
+                        "these items scores (PubMedQA is mostly 'yes', so a model that always says yes beats chance). "
+                        "Unparseable answers count as wrong. Intervals are Wilson 95% score intervals; the before/after "
+                        "test is an exact McNemar test on the paired items."))
     if chart:
         blocks.append(("img", chart, "accuracy per benchmark with 95% intervals"))
 
@@ -177,11 +181,12 @@ def _blocks(summary: dict, records: dict, chart: str | None) -> list[tuple]:
             s = summary["models"][t]["benchmarks"][n]
             recs = records[t][n]
             methods = Counter(r["method"] for r in recs).most_common(3)
-            rows.append([n, t, f"{s['unparseable']} ({_pct(s['unparseable_rate'])})", _pct(s["closed_rate"]),
+            top = f"{s['top_prediction']} ({_pct(s['top_prediction_share'])})" if s["top_prediction"] else "-"
+            rows.append([n, t, f"{s['unparseable']} ({_pct(s['unparseable_rate'])})", top, _pct(s["closed_rate"]),
                          f"{sum(r['forced'] for r in recs)}", f"{s['mean_output_tokens']:.0f}",
                          ", ".join(f"{m} {k}" for m, k in methods)])
-    blocks.append(("table", ["benchmark", "model", "unparseable", "closed </think> itself", "forced </think>",
-                             "mean output tokens", "extraction methods (top 3)"], rows))
+    blocks.append(("table", ["benchmark", "model", "unparseable", "most given answer", "closed </think> itself",
+                             "forced </think>", "mean output tokens", "extraction methods (top 3)"], rows))
     blocks.append(("p", "The answer is read from the text after </think>; where the model never wrote </think>, "
                         "only an explicitly stated answer in the whole output counts (method whole_output:explicit). "
                         "items.jsonl holds every prompt, output, extracted label and method."))
@@ -269,8 +274,9 @@ def summary_lines(summary: dict) -> list[str]:
                          f"{100 * s['ci_high']:.0f}, unparseable {100 * s['unparseable_rate']:.0f}%)")
         c = summary["comparison"].get(n)
         delta = f"  Δ {100 * c['delta']:+.1f} pts (McNemar p {c['mcnemar_p']:.2f})" if c else ""
-        chance = 100 * summary["models"][tags[0]]["benchmarks"][n]["chance"]
-        lines.append(f"{n:<13} chance {chance:4.1f}%  " + "  ->  ".join(cells) + delta)
+        first = summary["models"][tags[0]]["benchmarks"][n]
+        lines.append(f"{n:<13} chance {100 * first['chance']:4.1f}% (most common {100 * first['majority']:.0f}%)  "
+                     + "  ->  ".join(cells) + delta)
     cot = {t: c for t, c in (summary.get("cot_loss") or {}).items() if c}
     if cot:
         lines.append("held-out CoT loss  " + "  ->  ".join(

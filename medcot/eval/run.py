@@ -6,9 +6,9 @@
     medcot eval --overlap-only                               # the contamination report alone
 
 Every answered item is appended to `<output_dir>/items.jsonl` as soon as its batch is done, so an
-interrupted eval, rerun with the same command, skips the items it already has. `settings.json`
-records what produced them; a rerun with different generation settings is refused rather than
-silently mixing results.
+interrupted eval, rerun with the same command, skips the items it already has (and re-reads their
+stored outputs with the current answer extractor). `settings.json` records what produced them; a
+rerun with different generation settings is refused rather than silently mixing results.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Callable
 
 from ..checkpoint import write_atomic
 from ..config import Config, ConfigError, GenerateArgs, load_config
+from ..data import DataError
 from ..generate import THINK_CLOSE, generate
 from . import metrics, overlap
 from .tasks import TASKS, Item, Task
@@ -105,7 +106,8 @@ class ItemStore:
 
     def __init__(self, path: Path):
         self.path = path
-        self.done: dict[tuple[str, str, str], dict] = {}
+        self.done: dict[tuple[str, str, str], dict] = {}  # insertion order = file order
+        self.rescored = 0  # stored records whose extraction changed under the current extractor
         if not path.is_file():
             return
         raw = path.read_bytes()
@@ -130,6 +132,10 @@ class ItemStore:
             os.fsync(f.fileno())
         for r in records:
             self.done[(r["model"], r["benchmark"], r["id"])] = r
+
+    def rewrite(self) -> None:
+        """Rewrite the whole file (atomically) after stored records were re-scored."""
+        write_atomic(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.done.values()))
 
 
 def _settings(cfg: Config, adapter: str | None, tag: str) -> dict:
@@ -243,6 +249,10 @@ def run_eval(cfg: Config, adapter: str | None = None, compare: bool = False, ove
                                                     tag, store, tqdm, on_log)
             cot_loss[tag] = _cot_loss_cached(out, tag, model, tokenizer, formatter, train_cfg, train_data, on_log)
 
+    if store.rescored:
+        on_log(f"{store.rescored} stored answers were re-scored with the current extractor (items.jsonl updated)")
+        store.rewrite()
+
     # -- Scores and report -----------------------------------------------------------------------
     summary = _summarize(run_cfg, adapter, tags, tasks, items, records, cot_loss, overlap_summary, excluded)
     summary["wall_s"] = round(time.time() - t0, 1)
@@ -255,8 +265,19 @@ def run_eval(cfg: Config, adapter: str | None = None, compare: bool = False, ove
 
 def _run_task(model, tokenizer, formatter, task: Task, items: list[Item], cfg: Config, tag: str,
               store: ItemStore, tqdm, on_log) -> list[dict]:
-    done = [store.done[(tag, task.name, it.id)] for it in items if (tag, task.name, it.id) in store.done]
-    todo = [it for it in items if (tag, task.name, it.id) not in store.done]
+    done, todo = [], []
+    for it in items:
+        r = store.done.get((tag, task.name, it.id))
+        if r is None:
+            todo.append(it)
+            continue
+        # Stored outputs are re-read with the current extractor: improving the extraction rules
+        # re-scores an eval without generating anything again.
+        ex = task.extract(r["output"], it)
+        if (ex.label, ex.method) != (r["extracted"], r["method"]):
+            r.update(extracted=ex.label, method=ex.method, correct=task.score(it, ex))
+            store.rescored += 1
+        done.append(r)
     # Longest prompts first: similar lengths share a batch (less padding), and a prompt too long for
     # memory fails in the first batch rather than at the end.
     todo.sort(key=lambda it: -len(formatter.prompt(task.render(it))))
@@ -292,14 +313,13 @@ def _training_config(cfg: Config, adapter: str | None) -> Config:
 
 
 def _load_training_data(train_cfg: Config):
-    from ..data import DataError, load_records
+    from ..data import load_records
 
     try:
         return load_records(train_cfg.data)
-    except (DataError, FileNotFoundError, OSError) as err:
-        # The benchmarks don't need it; the overlap check and the CoT loss are skipped, and said so.
-        log.warning("training data %r could not be loaded (%s): no contamination check or held-out CoT loss",
-                    train_cfg.data.source, err)
+    except Exception as err:  # bad file, hub offline, missing token: the benchmarks don't need it
+        log.warning("training data %r could not be loaded (%s: %s): no contamination check or held-out CoT loss",
+                    train_cfg.data.source, type(err).__name__, err)
         return None
 
 
@@ -347,7 +367,11 @@ def _cot_loss_cached(out: Path, tag: str, model, tokenizer, formatter, train_cfg
     key = {"source": train_data.source, "val_size": d.val_size, "seed": d.seed,
            "max_seq_length": train_cfg.train.max_seq_length, "prompt_template": train_cfg.prompt.template}
     if cached.get(tag, {}).get("key") != key:
-        cached[tag] = {**heldout_cot_loss(model, tokenizer, formatter, train_cfg, train_data), "key": key}
+        try:
+            cached[tag] = {**heldout_cot_loss(model, tokenizer, formatter, train_cfg, train_data), "key": key}
+        except DataError as err:  # e.g. fewer rows than data.val_size
+            log.warning("no held-out CoT loss for %s: %s", tag, err)
+            return None
         write_atomic(path, json.dumps(cached, indent=2))
     c = cached[tag]
     on_log(f"{tag}: held-out CoT loss {c['loss']:.4f} (perplexity {c['perplexity']:.2f}) on {c['rows']} rows")

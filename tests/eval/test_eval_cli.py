@@ -1,8 +1,12 @@
 """End to end: `medcot eval --adapter RUN --compare` on the tiny model, 3 items per benchmark."""
 
 import json
+from pathlib import Path
+
+import pytest
 
 from medcot.cli import main
+from medcot.config import load_config
 
 
 def test_eval_compare_cli(tiny_overrides, tiny_adapter_run, shared_data, tmp_path, capsys):
@@ -35,3 +39,13 @@ def test_eval_errors_are_clean(tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
     assert main(["eval", "eval.benchmarks=medqa,gpqa"]) == 2
     assert "eval.benchmarks: ['gpqa'] not among" in capsys.readouterr().err
+
+
+def test_eval_help_and_shipped_config(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "--compare" in text and "--overlap-only" in text and "--adapter" in text
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "eval-demo-cpu.yaml")
+    assert cfg.eval.source == "embedded" and cfg.eval.limit and cfg.model.device == "cpu"

@@ -38,8 +38,9 @@ def test_mcnemar_exact():
     assert mcnemar_exact_p(0, 20) < 1e-5
 
 
-def _rec(i, correct, extracted="A", tokens=10, closed=True):
-    return {"id": str(i), "correct": correct, "extracted": extracted, "num_tokens": tokens, "closed": closed}
+def _rec(i, correct, extracted="A", tokens=10, closed=True, answer="A"):
+    return {"id": str(i), "correct": correct, "extracted": extracted, "num_tokens": tokens, "closed": closed,
+            "answer": answer}
 
 
 def test_score_counts_unparseable_as_wrong():
@@ -49,6 +50,7 @@ def test_score_counts_unparseable_as_wrong():
     assert s.unparseable_rate == 0.25 and s.mean_output_tokens == 15 and s.closed_rate == 0.75
     assert (s.ci_low, s.ci_high) == wilson_interval(2, 4)
     assert "2/4 (50.0%" in s.line()
+    assert s.majority == 1.0 and (s.top_prediction, s.top_prediction_share) == ("A", 0.75)
 
 
 def test_compare_is_paired_on_shared_items():

@@ -71,6 +71,14 @@ def test_interrupted_eval_resumes_without_recomputing(tiny_overrides, tmp_path, 
     assert 0 <= summary["models"]["base"]["benchmarks"]["medqa"]["accuracy"] <= 1
     assert summary["cot_loss"]["base"]["perplexity"] > 1
 
+    # Stored outputs are re-read with the current extractor on every run (no generation).
+    stored = _items(out)
+    stored[0].update(extracted="Z", method="old-rule", correct=False)
+    (out / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stored))
+    batches.clear()
+    run_eval(cfg)
+    assert batches == [] and _items(out)[0]["method"] != "old-rule" and _items(out)[0]["extracted"] != "Z"
+
     # A rerun with other generation settings must not mix results; --fresh starts over.
     other = load_config(None, tiny_overrides + ["eval.benchmarks=medqa,pubmedqa", "eval.answer_tokens=4"])
     with pytest.raises(ConfigError, match=r"answer_tokens: 8 -> 4.*--fresh"):

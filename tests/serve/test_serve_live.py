@@ -1,0 +1,112 @@
+"""A real `medcot serve` process on the embedded model, driven by the official `openai` client: JSON and
+streamed answers with the reasoning field, errors through the client, and secrets kept out of the log.
+(Client disconnects and load run against the tiny model in test_serve_load.py: same server, faster model.)"""
+
+from __future__ import annotations
+
+import logging
+
+import openai
+import pytest
+from serve_utils import LiveServer, chat, server_env
+
+from medcot.cli import main
+
+KEY = "sk-medcot-live-SECRET-4821"
+HF = "hf_liveSECRETtoken9876543"
+QUESTION = "A child has a barking cough and stridor after a cold. What is the likely diagnosis?"
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    server = LiveServer(
+        ["model.device=cpu", "generate.max_new_tokens=8", "serve.max_tokens_limit=64", "serve.max_batch_size=4"],
+        env=server_env(MEDCOT_API_KEY=KEY, HF_TOKEN=HF),
+        log_path=tmp_path_factory.mktemp("live") / "serve.log",
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def oai(live):
+    return openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _reasoning(obj) -> tuple[str | None, str | None]:
+    # medcot's extra fields reach the openai client as pydantic extras (as with vLLM and DeepSeek).
+    return getattr(obj, "reasoning", None), getattr(obj, "reasoning_content", None)
+
+
+def test_models(oai):
+    assert [m.id for m in oai.models.list()] == ["medcot"]
+
+
+def test_non_streaming_and_streaming_agree(oai):
+    kw = dict(model="medcot", messages=[{"role": "user", "content": QUESTION}], max_tokens=6, temperature=0)
+    r = oai.chat.completions.create(**kw)
+    msg = r.choices[0].message
+    reasoning, alias = _reasoning(msg)
+    assert msg.role == "assistant" and alias == reasoning
+    assert reasoning or msg.content, "the model said something"
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert 0 < r.usage.completion_tokens <= 6 and r.usage.prompt_tokens > 20
+
+    stream = oai.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    s_reasoning, s_alias, s_content, finish, usage = "", "", "", None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        a, b = _reasoning(delta)
+        s_reasoning += a or ""
+        s_alias += b or ""
+        s_content += delta.content or ""
+        finish = chunk.choices[0].finish_reason or finish
+    # Greedy decoding: the stream is the same answer, split the same way.
+    assert (s_reasoning or None, s_content or None) == (reasoning, msg.content)
+    assert s_alias == s_reasoning
+    assert finish == r.choices[0].finish_reason and usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_wrong_key_and_limits_through_the_client(live, oai):
+    bad = openai.OpenAI(base_url=f"{live.url}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with pytest.raises(openai.BadRequestError, match="serve.max_tokens_limit"):
+        oai.chat.completions.create(model="medcot", messages=[{"role": "user", "content": "q"}], max_tokens=65)
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "q"}])
+
+
+def test_secrets_never_in_the_log(live, oai):
+    oai.chat.completions.create(model="medcot", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    log = live.log()
+    assert "API key required" in log and "Uvicorn running" in log
+    assert KEY not in log and HF not in log
+    assert "barking cough" not in log.lower(), "conversations are not logged"
+
+
+def test_refuses_a_public_address_without_key(monkeypatch, capsys):
+    monkeypatch.delenv("MEDCOT_API_KEY", raising=False)
+    for host in ("0.0.0.0", "::", "192.168.1.10", "example.org"):
+        assert main(["serve", "--host", host]) == 2
+        err = capsys.readouterr().err
+        assert "MEDCOT_API_KEY" in err and host in err
+
+
+def test_key_not_logged_by_the_app(no_secrets_env, make_client, caplog):
+    """With the planted secrets in the environment, nothing the app logs (startup, 401s, answers) holds them."""
+    caplog.set_level(logging.DEBUG)
+    c = make_client(api_key=no_secrets_env["MEDCOT_API_KEY"])
+    bad = c.post("/v1/chat/completions", json=chat("croup?"), headers={"Authorization": "Bearer nope"})
+    assert bad.status_code == 401
+    ok = c.post("/v1/chat/completions", json=chat("croup?"),
+                headers={"Authorization": f"Bearer {no_secrets_env['MEDCOT_API_KEY']}"})
+    assert ok.status_code == 200
+    text = caplog.text + str(c.get("/health").json())
+    assert "API key required" in caplog.text
+    for secret in no_secrets_env.values():
+        assert secret not in text
