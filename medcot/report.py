@@ -118,6 +118,8 @@ def write_run_report(run_dir: Path, cfg, result, *, questions, references, lengt
         "peak_memory_gib": round(result.peak_mem_gib, 3),
         "val_loss_before": result.val_loss_before,
         "val_loss_after": result.val_loss_after,
+        "eval_before": result.eval_before,
+        "eval_after": result.eval_after,
         "tracking": tracker_backend,
     }
     write_atomic(run_dir / "manifest.json", json.dumps(manifest, indent=2))
@@ -143,6 +145,11 @@ def write_run_report(run_dir: Path, cfg, result, *, questions, references, lengt
         f"| loss | {result.val_loss_before:.4f} | {result.val_loss_after:.4f} |",
         "",
     ]
+    if result.eval_before:
+        from .eval.run import train_eval_table
+
+        lines += ["## Benchmarks before and after (eval.train_eval_limit items each)", "",
+                  train_eval_table(result.eval_before, result.eval_after), ""]
     if loss_png:
         lines += ["## Training loss", "", f"![loss curve]({loss_png.name})", ""]
     lines += ["## Answers before and after (held-out questions)", ""]

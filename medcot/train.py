@@ -28,6 +28,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, wri
 from .collate import count_loss_tokens, micro_batches, pack_collate, pad_collate, rows_for_step
 from .config import Config, load_config
 from .data import load_records, split_records
+from .eval.run import evaluate_for_train
 from .fast import apply_fused_kernels, fast_path_enabled, limit_checkpointing, use_packed_attention
 from .generate import generate, split_reasoning
 from .model import attach_lora, load_base
@@ -53,6 +54,8 @@ class TrainResult:
     val_loss_after: float | None
     answers_before: list[str] = field(default_factory=list)
     answers_after: list[str] = field(default_factory=list)
+    eval_before: dict = field(default_factory=dict)  # per-benchmark scores (eval.train_eval_limit items)
+    eval_after: dict = field(default_factory=dict)
     wall_s: float = 0.0
     tokens_per_s: float = 0.0
     peak_mem_gib: float = 0.0
@@ -137,6 +140,7 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, on_log: C
         # LoRA's B matrices start at zero, so the wrapped model is still exactly the base model here.
         state["val_loss_before"] = _val_loss(model, val_rows, tokenizer.pad_token_id, t.per_device_batch_size, autocast)
         state["answers_before"] = _answer(model, tokenizer, formatter, sample_q, cfg)
+        state["eval_before"] = evaluate_for_train(model, tokenizer, cfg)  # {} unless eval.train_eval_limit > 0
         on_log(f"before: validation loss {state['val_loss_before']:.4f}")
     tracker = Tracker(run_dir, t.report_to, t.wandb_project, run_dir.name, cfg.to_dict(), resume_step=start_step)
 
@@ -204,6 +208,7 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, on_log: C
     # -- After --------------------------------------------------------------------------------
     val_loss_after = _val_loss(model, val_rows, tokenizer.pad_token_id, t.per_device_batch_size, autocast)
     answers_after = _answer(model, tokenizer, formatter, sample_q, cfg)
+    eval_after = evaluate_for_train(model, tokenizer, cfg)
     on_log(f"after: validation loss {val_loss_after:.4f} (before {state['val_loss_before']:.4f})")
     result = TrainResult(
         run_dir=run_dir,
@@ -212,6 +217,8 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, on_log: C
         val_loss_after=val_loss_after,
         answers_before=state["answers_before"],
         answers_after=answers_after,
+        eval_before=state.get("eval_before", {}),
+        eval_after=eval_after,
         wall_s=wall_before + time.time() - t_start,
         tokens_per_s=tokens_seen / fit_time if fit_time else 0.0,
         peak_mem_gib=_peak_mem_gib(device),
