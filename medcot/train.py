@@ -120,7 +120,7 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, on_log: C
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _make_optimizer(params, cfg)
     scheduler = _make_scheduler(optimizer, cfg)
-    autocast = _autocast(device, model_info["dtype"])
+    autocast = autocast_for(device, model_info["dtype"])
 
     if resume is None:  # only now: a setup error (bad data, model, optimizer) must not leave a half-made run folder
         write_atomic(run_dir / "config.yaml", cfg.to_yaml())
@@ -138,7 +138,7 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, on_log: C
     sample_q = splits.val[: t.sample_questions]
     if "val_loss_before" not in state:
         # LoRA's B matrices start at zero, so the wrapped model is still exactly the base model here.
-        state["val_loss_before"] = _val_loss(model, val_rows, tokenizer.pad_token_id, t.per_device_batch_size, autocast)
+        state["val_loss_before"] = validation_loss(model, val_rows, tokenizer.pad_token_id, t.per_device_batch_size, autocast)
         state["answers_before"] = _answer(model, tokenizer, formatter, sample_q, cfg)
         state["eval_before"] = evaluate_for_train(model, tokenizer, cfg)  # {} unless eval.train_eval_limit > 0
         on_log(f"before: validation loss {state['val_loss_before']:.4f}")
@@ -206,7 +206,7 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, on_log: C
     _save_adapter(model, tokenizer, run_dir)
 
     # -- After --------------------------------------------------------------------------------
-    val_loss_after = _val_loss(model, val_rows, tokenizer.pad_token_id, t.per_device_batch_size, autocast)
+    val_loss_after = validation_loss(model, val_rows, tokenizer.pad_token_id, t.per_device_batch_size, autocast)
     answers_after = _answer(model, tokenizer, formatter, sample_q, cfg)
     eval_after = evaluate_for_train(model, tokenizer, cfg)
     on_log(f"after: validation loss {val_loss_after:.4f} (before {state['val_loss_before']:.4f})")
@@ -285,7 +285,7 @@ def _make_scheduler(optimizer, cfg: Config):
     )
 
 
-def _autocast(device: torch.device, dtype: str):
+def autocast_for(device: torch.device, dtype: str):
     # Autocast only for 16-bit compute on GPU: the frozen base is already in that dtype, the LoRA
     # weights stay fp32 (PEFT's default) as the optimizer's master copy.
     if device.type == "cuda" and dtype in ("bfloat16", "float16"):
@@ -294,7 +294,7 @@ def _autocast(device: torch.device, dtype: str):
 
 
 @torch.no_grad()
-def _val_loss(model, rows: list[Encoded], pad_id: int, batch_size: int, autocast) -> float:
+def validation_loss(model, rows: list[Encoded], pad_id: int, batch_size: int, autocast) -> float:
     """Mean loss per response token over the validation rows."""
     was_training = model.training
     model.eval()

@@ -386,13 +386,13 @@ def heldout_cot_loss(model, tokenizer, formatter, train_cfg: Config, train_data)
     """
     from ..data import split_records
     from ..prompts import encode_records
-    from ..train import _autocast, _val_loss  # shared with train's before/after validation loss
+    from ..train import autocast_for, validation_loss  # shared with train's before/after validation loss
 
     splits = split_records(train_data.records, train_cfg.data)
     rows, _ = encode_records(formatter, splits.val, train_cfg.train.max_seq_length, "truncate")
     device = next(model.parameters()).device
-    autocast = _autocast(device, str(model.dtype).removeprefix("torch."))
-    loss = _val_loss(model, rows, tokenizer.pad_token_id, train_cfg.train.per_device_batch_size, autocast)
+    autocast = autocast_for(device, str(model.dtype).removeprefix("torch."))
+    loss = validation_loss(model, rows, tokenizer.pad_token_id, train_cfg.train.per_device_batch_size, autocast)
     return {"loss": loss, "perplexity": math.exp(loss), "rows": len(rows), "source": train_data.source}
 
 
