@@ -76,19 +76,25 @@ def _decode(path: Path) -> str:
         ) from None
 
 
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield (1-based line, parsed object) per non-blank line; a bad line yields a DataError instead,
+    so the caller decides whether it stops the load or is skipped."""
+    for lineno, line in enumerate(_decode(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield lineno, DataError(f"{path}: row {lineno}: invalid JSON ({e.msg} at column {e.colno})")
+
+
 def _iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """Yield (1-based row, raw row) from a local file. Rows that are not objects are yielded as-is."""
     suffix = path.suffix.lower()
     if not path.is_file():
         raise FileNotFoundError(f"Data file {str(path)!r} does not exist")
     if suffix == ".jsonl":
-        for lineno, line in enumerate(_decode(path).splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield lineno, DataError(f"{path}: row {lineno}: invalid JSON ({e.msg} at column {e.colno})")
+        yield from iter_jsonl(path)
     elif suffix == ".json":
         try:
             data = json.loads(_decode(path))

@@ -13,12 +13,11 @@ Items come from three places, all validated the same way (errors name file, row 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ...data import DataError
+from ...data import DataError, iter_jsonl
 from ..extract import Extraction
 
 EMBEDDED_EVAL_DIR = Path(__file__).resolve().parents[2] / "assets" / "eval"
@@ -230,14 +229,4 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
         raise FileNotFoundError(f"Eval file {str(path)!r} does not exist")
     if path.suffix.lower() != ".jsonl":
         raise DataError(f"{path}: eval files must be normalized .jsonl (one item object per line)")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 (offset {e.start}); re-save it as UTF-8") from None
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield lineno, DataError(f"{path}: row {lineno}: invalid JSON ({e.msg} at column {e.colno})")
+    yield from iter_jsonl(path)
