@@ -149,22 +149,6 @@ def run_medcot(args, tok, rows):
     return times, tokens, losses, fixed_loss, sum(p.numel() for p in model.parameters()), extra
 
 
-class _StepTimer:
-    """TrainerCallback-compatible timer: synchronises the GPU around each optimizer step."""
-
-    def __init__(self):
-        self.times: list[float] = []
-        self._t0 = 0.0
-
-    def on_step_begin(self, *a, **k):
-        _sync()
-        self._t0 = time.perf_counter()
-
-    def on_step_end(self, *a, **k):
-        _sync()
-        self.times.append(time.perf_counter() - self._t0)
-
-
 def run_sft_trainer(args, tok, rows):
     """The plain stack (or Unsloth) through TRL's SFTTrainer, fed the same rows in the same order."""
     if args.stack == "unsloth":
@@ -204,14 +188,22 @@ def run_sft_trainer(args, tok, rows):
         "input_ids": [r.input_ids for r in rows],
         "completion_mask": [[0 if l == -100 else 1 for l in r.labels] for r in rows],
     })
-    timer = _StepTimer()
-
     class _Timer(TrainerCallback):
+        """Synchronises the GPU around each optimizer step so the host clock measures the step."""
+
+        def __init__(self):
+            self.times: list[float] = []
+            self._t0 = 0.0
+
         def on_step_begin(self, *a, **k):
-            timer.on_step_begin()
+            _sync()
+            self._t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            timer.on_step_end()
+            _sync()
+            self.times.append(time.perf_counter() - self._t0)
+
+    timer = _Timer()
 
     class _InOrder(SFTTrainer):
         def _get_train_sampler(self, *a, **k):  # same rows in the same order as the other stacks
@@ -226,7 +218,7 @@ def run_sft_trainer(args, tok, rows):
         report_to="none", save_strategy="no", dataloader_num_workers=0, use_cpu=args.device == "cpu",
     )
     trainer = _InOrder(model=model, args=config, train_dataset=ds, processing_class=tok, peft_config=peft_config,
-                       callbacks=[_Timer()])
+                       callbacks=[timer])
     device = next(trainer.model.parameters()).device
     fixed_loss = _fixed_batch_loss(trainer.model, rows[:per_step], device, torch.bfloat16)
     _reset_mem()

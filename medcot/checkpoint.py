@@ -8,11 +8,13 @@ only considers folders with `state.json` in them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -23,6 +25,21 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def write_dir_atomic(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; once the block completes, it replaces `final`.
+
+    A crash inside the block leaves `final` as it was (and never a half-written folder under its name).
+    """
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
 
 def _rng_state() -> dict:
@@ -46,18 +63,13 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
 
     root = run_dir / "checkpoints"
     final = root / f"step-{step:06d}"
-    tmp = root / f".step-{step:06d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    lora = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
-    save_file(lora, tmp / "adapter_model.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with write_dir_atomic(final) as tmp:
+        lora = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
+        save_file(lora, tmp / "adapter_model.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     for old in sorted(p for p in root.glob("step-*") if (p / "state.json").exists())[:-keep]:
         shutil.rmtree(old)
     return final

@@ -6,6 +6,8 @@ an uninterrupted run would have seen, without saving any sampler state.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .prompts import IGNORE_INDEX, Encoded
@@ -26,15 +28,10 @@ def rows_for_step(n_rows: int, step: int, rows_per_step: int, seed: int) -> list
     return out
 
 
-_PERM_CACHE: dict[tuple[int, int, int], list[int]] = {}
-
-
+@functools.cache
 def _permutation(n: int, seed: int, epoch: int) -> list[int]:
-    key = (n, seed, epoch)
-    if key not in _PERM_CACHE:
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        _PERM_CACHE[key] = torch.randperm(n, generator=g).tolist()
-    return _PERM_CACHE[key]
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
 
 
 def pad_collate(rows: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

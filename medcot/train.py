@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import report
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomic
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomic, write_dir_atomic
 from .collate import count_loss_tokens, micro_batches, pack_collate, pad_collate, rows_for_step
 from .config import Config, load_config
 from .data import load_records, split_records
@@ -324,16 +323,9 @@ def _answer(model, tokenizer, formatter: PromptFormatter, records, cfg: Config) 
 
 def _save_adapter(model, tokenizer, run_dir: Path) -> None:
     """Adapter in PEFT format + tokenizer, written to a temporary folder and renamed."""
-    import shutil
-
-    final = run_dir / "adapter"
-    tmp = run_dir / f".adapter.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with write_dir_atomic(run_dir / "adapter") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def _peak_mem_gib(device: torch.device) -> float:

@@ -32,6 +32,14 @@ def _lora_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _perturb_lora_b(model) -> None:
+    """LoRA B starts at zero, which would make A's gradient zero: perturb it so both are tested."""
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            g = torch.Generator().manual_seed(len(n))
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
 def _model(path, dtype=torch.float32, device="cpu"):
     from transformers import AutoModelForCausalLM
 
@@ -69,11 +77,7 @@ def test_packed_step_matches_padded_step_loss_and_lora_grads(tiny_model_dir):
         if packing:
             use_packed_attention(base)
         model = attach_lora(base, LoraArgs(r=8, alpha=16), gradient_checkpointing=False)
-        # LoRA B starts at zero, which would make A's gradient zero: perturb it so both are tested.
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                g = torch.Generator().manual_seed(len(n))
-                p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        _perturb_lora_b(model)
         loss = train_step(model, rows, t, pad_id=0, packing=packing, autocast=torch.autocast("cpu", enabled=False))
         results[packing] = (loss, _lora_grads(model))
     (loss_pad, g_pad), (loss_pack, g_pack) = results[False], results[True]
@@ -106,10 +110,7 @@ def test_fast_path_matches_plain_on_gpu(tmp_path):
             assert apply_fused_kernels(base, device)
             use_packed_attention(base)
         model = attach_lora(base, LoraArgs(r=16, alpha=16), gradient_checkpointing=True)
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                g = torch.Generator().manual_seed(len(n))
-                p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        _perturb_lora_b(model)
         loss = train_step(model, rows, t, 0, packing=fast, autocast=torch.autocast("cuda", dtype=torch.bfloat16))
         results[fast] = (loss, _lora_grads(model))
     (loss_plain, g_plain), (loss_fast, g_fast) = results[False], results[True]
