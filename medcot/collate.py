@@ -49,20 +49,24 @@ def pad_collate(rows: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def pack_collate(rows: list[Encoded]) -> dict[str, torch.Tensor]:
-    """Padding-free: concatenate the rows into one sequence, positions restarting at 0 for each row.
+    """Padding-free: concatenate the rows into one sequence, positions restarting at 0 for each document.
 
-    With no attention mask, transformers reads the position resets as row boundaries and builds a
-    block-diagonal causal mask, so no token attends across rows and no compute is spent on padding;
-    with `fast.use_packed_attention`, attention instead runs row by row at `row_bounds`.
-    The first label of each row is masked: after the model's one-token shift it would otherwise ask
-    the last token of the previous row to predict the next row's first token.
+    A document is a row, or each of `Encoded.doc_lens` in a pre-training block. With no attention
+    mask, transformers reads the position resets as document boundaries and builds a block-diagonal
+    causal mask, so no token attends across documents and no compute is spent on padding; with
+    `fast.use_packed_attention`, attention instead runs document by document at `row_bounds`.
+    The first label of each document is masked: after the model's one-token shift it would otherwise
+    ask the last token of the previous document to predict the next one's first token.
     """
     input_ids, labels, positions, bounds = [], [], [], [0]
     for r in rows:
-        bounds.append(bounds[-1] + len(r.input_ids))
+        start = 0
+        for n in r.doc_lens or (len(r.input_ids),):
+            bounds.append(bounds[-1] + n)
+            labels += [IGNORE_INDEX] + r.labels[start + 1 : start + n]
+            positions += range(n)
+            start += n
         input_ids += r.input_ids
-        labels += [IGNORE_INDEX] + r.labels[1:]
-        positions += range(len(r.input_ids))
     as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
     # row_bounds stays a Python list: fast.use_packed_attention slices at these offsets, no GPU sync.
     return {"input_ids": as_row(input_ids), "labels": as_row(labels), "position_ids": as_row(positions),
@@ -90,5 +94,11 @@ def micro_batches(rows: list[Encoded], batch_size: int, packing: bool, max_token
 
 
 def count_loss_tokens(rows: list[Encoded]) -> int:
-    """Tokens that carry loss: labels are shifted by one inside the model, so the first never counts."""
-    return sum(sum(1 for t in r.labels[1:] if t != IGNORE_INDEX) for r in rows)
+    """Tokens that carry loss: labels are shifted by one inside the model, so each document's first never counts."""
+    n = 0
+    for r in rows:
+        start = 0
+        for length in r.doc_lens or (len(r.input_ids),):
+            n += sum(1 for t in r.labels[start + 1 : start + length] if t != IGNORE_INDEX)
+            start += length
+    return n

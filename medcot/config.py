@@ -102,8 +102,43 @@ class PromptArgs:
 
 
 @dataclass
+class PretrainArgs:
+    """Continued pre-training on raw medical text (train.stage=pretrain or pretrain+sft)."""
+
+    source: str = _help(
+        "'embedded' (the shipped PubMed abstracts sample), a folder of .txt files (one document each), a "
+        ".jsonl/.json/.csv/.parquet file with a text column, or a hub dataset id.",
+        "embedded",
+    )
+    text_column: str = _help("Column holding the document text (files and hub datasets).", "text")
+    hub_config: str | None = _help("Hub dataset config name.", None)
+    split: str = _help("Hub dataset split.", "train")
+    streaming: bool = _help("Read the corpus as a stream (hub datasets larger than memory); no random access.", False)
+    block_size: int = _help("Tokens per training block; documents are concatenated and attention stops at their ends.", 1024)
+    val_docs: int = _help("Documents held out (never trained on) for perplexity before and after.", 16)
+    max_steps: int = _help("Optimizer steps of the pre-training stage (batch shape comes from train.*).", 30)
+    learning_rate: float = _help("Peak learning rate of the pre-training stage.", 1e-4)
+    train_embeddings: bool = _help(
+        "Also train full copies of embed_tokens and lm_head (PEFT modules_to_save): more capacity for new "
+        "vocabulary use, much more memory and a much larger adapter.",
+        False,
+    )
+    compare: bool = _help(
+        "With train.stage=pretrain+sft: also run the SFT stage from the plain base model (same steps, same seed) "
+        "and report both, so the effect of pre-training is measured, not assumed.",
+        True,
+    )
+
+
+@dataclass
 class TrainArgs:
     """The supervised fine-tune."""
+
+    stage: Literal["sft", "pretrain", "pretrain+sft"] = _help(
+        "'sft': chain-of-thought fine-tune; 'pretrain': continued pre-training on pretrain.source; 'pretrain+sft': "
+        "both in one run folder, the SFT stage starting from the base with the pre-training adapter merged in.",
+        "sft",
+    )
 
     output_dir: str = _help("Folder that receives one run folder per training run.", "runs")
     run_name: str | None = _help("Run folder name (default: a timestamp).", None)
@@ -133,6 +168,13 @@ class TrainArgs:
     )
     micro_batch_tokens: int = _help(
         "Fast path: most tokens packed into one micro-batch (a step's rows are split across as few as fit).", 16384
+    )
+    distributed: Literal["ddp", "fsdp"] = _help(
+        "Under a launcher (torchrun / accelerate launch) with several processes: 'ddp' keeps a whole model per GPU "
+        "and averages gradients; 'fsdp' shards the trainable weights, gradients and optimizer state (FSDP2). The "
+        "process count comes from the launcher; the global batch stays per_device_batch_size x "
+        "gradient_accumulation_steps rows per step whatever it is.",
+        "ddp",
     )
     logging_steps: int = _help("Log a metrics line every N optimizer steps.", 1)
     save_steps: int = _help("Write a resumable checkpoint every N optimizer steps (0: only at the end).", 20)
@@ -230,6 +272,7 @@ class Config:
     data: DataArgs = field(default_factory=DataArgs)
     prompt: PromptArgs = field(default_factory=PromptArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
+    pretrain: PretrainArgs = field(default_factory=PretrainArgs)
     generate: GenerateArgs = field(default_factory=GenerateArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
     serve: ServeArgs = field(default_factory=ServeArgs)

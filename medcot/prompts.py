@@ -48,6 +48,9 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss is taken
     prompt_len: int
+    # Lengths of the documents packed into this row, in order (pre-training blocks); empty: one document.
+    # Positions restart and attention stops at each document's end (collate.pack_collate).
+    doc_lens: tuple[int, ...] = ()
 
 
 @dataclass
