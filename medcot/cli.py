@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune with LoRA/QLoRA and write a run folder", epilog=EPILOG)
     _add_config_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--stage", choices=["sft", "pretrain", "pretrain+sft"],
+                   help="= train.stage: chain-of-thought SFT, continued pre-training (pretrain.*), or both in one run")
     p.add_argument("--report-to", choices=["auto", "wandb", "tensorboard", "none"], help="= train.report_to")
     p.add_argument("--skip-bad-rows", action="store_true", help="= data.skip_bad_rows=true")
 
@@ -101,6 +105,8 @@ def _config(args) -> "Config":  # noqa: F821
     overrides = list(getattr(args, "overrides", []) or [])
     if getattr(args, "report_to", None):
         overrides.append(f"train.report_to={args.report_to}")
+    if getattr(args, "stage", None):
+        overrides.append(f"train.stage={args.stage}")
     if getattr(args, "skip_bad_rows", False):
         overrides.append("data.skip_bad_rows=true")
     return load_config(getattr(args, "config", None), overrides)
@@ -111,9 +117,12 @@ def cmd_train(args) -> int:
 
     from .train import train
 
-    if args.resume and (args.config or args.overrides):
+    if args.resume and (args.config or args.overrides or args.stage):
         raise ConfigError("--resume continues a run with its own saved config; drop --config and overrides")
     cfg = None if args.resume else _config(args)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun / accelerate launch: rank 0 speaks for the run
+    if rank != 0:
+        log.setLevel(logging.WARNING)
     if cfg is not None:
         log.info("resolved config:\n%s", cfg.to_yaml())
     from .doctor import check_ready
@@ -121,14 +130,21 @@ def cmd_train(args) -> int:
     check_ready(cfg, resume=args.resume, config_name=args.config)  # fail fast, before data and model load
     with logging_redirect_tqdm():
         result = train(cfg, resume=args.resume)
+    if rank != 0:
+        return 0
     print()
     print("=" * 72)
     print(f"Run folder        {result.run_dir}")
     print(f"Steps             {result.steps}")
-    print(f"Validation loss   {result.val_loss_before:.4f} -> {result.val_loss_after:.4f}")
+    if cfg is not None and cfg.train.stage == "pretrain":
+        print(f"Held-out text     perplexity {math.exp(result.val_loss_before):.2f} -> {math.exp(result.val_loss_after):.2f}")
+    else:
+        print(f"Validation loss   {result.val_loss_before:.4f} -> {result.val_loss_after:.4f}")
     print(f"Wall time         {result.wall_s:.0f} s   ({result.tokens_per_s:,.0f} tokens/s training)")
     print(f"Peak memory       {result.peak_mem_gib:.2f} GiB")
     print(f"Report            {result.run_dir / 'report.md'}")
+    if (result.run_dir / "without-pretrain").is_dir():
+        print(f"With vs without   pre-training compared in {result.run_dir / 'report.md'}")
     print(f"Try it            medcot ask \"<question>\" --adapter {result.run_dir}")
     print("=" * 72)
     return 0

@@ -395,6 +395,8 @@ def _validate(cfg: Config, errors: list[str]) -> None:
         "lora.r": cfg.lora.r,
         "generate.max_new_tokens": cfg.generate.max_new_tokens,
         "generate.batch_size": cfg.generate.batch_size,
+        "pretrain.val_docs": cfg.pretrain.val_docs,
+        "pretrain.max_steps": cfg.pretrain.max_steps,
     }
     for key, v in positive.items():
         if v <= 0:
@@ -413,6 +415,11 @@ def _validate(cfg: Config, errors: list[str]) -> None:
             errors.append(f"{key}: must be >= 0, got {v}")
     if not 0 < cfg.train.learning_rate < 1:
         errors.append(f"train.learning_rate: must be in (0, 1), got {cfg.train.learning_rate}")
+    if not 0 < cfg.pretrain.learning_rate < 1:
+        errors.append(f"pretrain.learning_rate: must be in (0, 1), got {cfg.pretrain.learning_rate}")
+    if cfg.pretrain.block_size < 2:
+        errors.append(f"pretrain.block_size: must be >= 2, got {cfg.pretrain.block_size}")
+    _validate_world(cfg.train, errors)
     if not 0 <= cfg.train.checkpoint_ratio <= 1:
         errors.append(f"train.checkpoint_ratio: must be in [0, 1], got {cfg.train.checkpoint_ratio}")
     if not 0 <= cfg.lora.dropout < 1:
@@ -430,6 +437,20 @@ def _validate(cfg: Config, errors: list[str]) -> None:
         errors.append(f"model.device: {cfg.model.device!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
     _validate_eval(cfg.eval, errors)
     _validate_serve(cfg.serve, errors)
+
+
+def _validate_world(t: TrainArgs, errors: list[str]) -> None:
+    """Under a launcher, each process takes an equal share of a step's rows."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rows = t.per_device_batch_size * t.gradient_accumulation_steps
+    if world > 1 and rows % world:
+        errors.append(
+            f"train.gradient_accumulation_steps: {world} processes share each step's per_device_batch_size x "
+            f"gradient_accumulation_steps = {rows} rows, which must divide evenly; e.g. "
+            f"train.gradient_accumulation_steps={max(world, t.gradient_accumulation_steps // world * world)}"
+        )
 
 
 def _validate_eval(e: EvalArgs, errors: list[str]) -> None:

@@ -148,7 +148,7 @@ def _write_export(run_dir: Path, cfg: Config, to: str, dtype: str, out: Path) ->
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        model, tokenizer = merge_adapter(cfg, run_dir / "adapter", dtype)
+        model, tokenizer = merged_model(cfg, run_dir, dtype)
         template = training_chat_template(cfg, tokenizer)
         if template is not None:
             tokenizer.chat_template = template
@@ -185,8 +185,10 @@ def _write_export(run_dir: Path, cfg: Config, to: str, dtype: str, out: Path) ->
 # Merge
 
 
-def merge_adapter(cfg: Config, adapter_dir: Path, dtype: str):
-    """Base model (unquantized, CPU, `dtype`) with the adapter added into its weights.
+def merged_model(cfg: Config, run_dir: Path, dtype: str):
+    """Base model (unquantized, CPU, `dtype`) with the run's adapter(s) added into its weights.
+
+    A run that pre-trained first has two: the pre-training stage's, then the SFT stage's.
 
     A QLoRA run trained on a 4-bit base; its adapter is merged into the 16-bit base weights, the
     usual QLoRA export: merging into 4-bit weights would round the update away.
@@ -194,9 +196,7 @@ def merge_adapter(cfg: Config, adapter_dir: Path, dtype: str):
     Returns:
         (model, tokenizer): a plain `PreTrainedModel` (no PEFT wrappers) and the run's tokenizer.
     """
-    from peft import PeftModel
-
-    from .model import load_base, load_tokenizer
+    from .model import load_base, load_tokenizer, merge_adapter, stage_adapters
 
     if cfg.model.quantization != "none":
         log.info("the run trained on a %s base; merging into the unquantized base weights", cfg.model.quantization)
@@ -205,9 +205,10 @@ def merge_adapter(cfg: Config, adapter_dir: Path, dtype: str):
     args = dataclasses.replace(cfg.model, device="cpu", dtype=dtype, quantization="none")
     log.info("loading base model %s (%s, CPU)", cfg.model.name_or_path, dtype)
     model, _, _ = load_base(args)
-    tokenizer = load_tokenizer(str(adapter_dir))  # the run's own tokenizer, pad token as trained
-    log.info("merging adapter %s", adapter_dir)
-    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    tokenizer = load_tokenizer(str(run_dir / "adapter"))  # the run's own tokenizer, pad token as trained
+    for adapter_dir in [*stage_adapters(run_dir), run_dir / "adapter"]:
+        log.info("merging adapter %s", adapter_dir)
+        model = merge_adapter(model, adapter_dir)
     model.eval()
     return model, tokenizer
 

@@ -21,11 +21,11 @@ class ModelSetupError(RuntimeError):
 
 
 def resolve_device(args: ModelArgs) -> torch.device:
-    if args.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelSetupError(f"model.device={args.device!r} but no CUDA GPU is visible; use model.device=cpu")
-    return torch.device(args.device)
+    if args.device in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())  # under a launcher: this process's GPU
+    return torch.device("cpu" if args.device == "auto" else args.device)
 
 
 def resolve_dtype(args: ModelArgs, device: torch.device) -> torch.dtype:
@@ -108,8 +108,11 @@ def load_base(args: ModelArgs):
     return model, tokenizer, info
 
 
-def attach_lora(model, args: LoraArgs, gradient_checkpointing: bool):
-    """Freeze the base and wrap it with fresh LoRA adapters (PEFT)."""
+def attach_lora(model, args: LoraArgs, gradient_checkpointing: bool, modules_to_save: list[str] | None = None):
+    """Freeze the base and wrap it with fresh LoRA adapters (PEFT).
+
+    `modules_to_save`: modules trained in full beside the adapters (pre-training's embed_tokens/lm_head).
+    """
     from peft import LoraConfig, get_peft_model
 
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
@@ -124,8 +127,25 @@ def attach_lora(model, args: LoraArgs, gradient_checkpointing: bool):
         target_modules=list(args.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
+        modules_to_save=modules_to_save,
     )
     return get_peft_model(model, lora)
+
+
+def merge_adapter(model, adapter_dir: Path):
+    """Fold a trained adapter into the base weights (the pre-training stage before the SFT stage).
+
+    On a 4-bit base PEFT dequantizes, adds the update and quantizes again, which rounds it.
+    """
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+
+
+def stage_adapters(run_dir: Path) -> list[Path]:
+    """Adapters to merge into the base before a run's own adapter: the pre-training stage's, if any."""
+    pre = run_dir / "pretrain" / "adapter"
+    return [pre] if (run_dir / "adapter").is_dir() and pre.is_dir() else []
 
 
 def load_for_inference(cfg: Config, adapter: str | Path | None = None):
@@ -155,6 +175,8 @@ def load_for_inference(cfg: Config, adapter: str | Path | None = None):
     if adapter is not None:
         from peft import PeftModel
 
+        for earlier in stage_adapters(run_dir):
+            model = merge_adapter(model, earlier)
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
     return model, tokenizer, cfg

@@ -102,7 +102,7 @@ def _answer_block(text: str) -> str:
 
 
 def write_run_report(run_dir: Path, cfg, result, *, questions, references, lengths, data_source, n_skipped,
-                     model_info, n_trainable, tracker_backend) -> None:
+                     model_info, n_trainable, tracker_backend, world_size: int = 1) -> None:
     manifest = {
         "run": run_dir.name,
         "versions": package_versions(),
@@ -121,6 +121,7 @@ def write_run_report(run_dir: Path, cfg, result, *, questions, references, lengt
         "eval_before": result.eval_before,
         "eval_after": result.eval_after,
         "tracking": tracker_backend,
+        "processes": world_size,
     }
     write_atomic(run_dir / "manifest.json", json.dumps(manifest, indent=2))
     loss_png = plot_loss(run_dir)
@@ -136,7 +137,7 @@ def write_run_report(run_dir: Path, cfg, result, *, questions, references, lengt
         f"- Data: `{data_source}`; {lengths.summary()}",
         f"- {result.steps} steps × {cfg.train.per_device_batch_size * cfg.train.gradient_accumulation_steps} rows, "
         f"lr {cfg.train.learning_rate:g}, wall time {result.wall_s:.0f} s, {result.tokens_per_s:,.0f} tokens/s, "
-        f"peak memory {result.peak_mem_gib:.2f} GiB",
+        f"peak memory {result.peak_mem_gib:.2f} GiB" + (f" per process, {world_size} processes" if world_size > 1 else ""),
         "",
         "## Validation loss (per response token, held-out rows)",
         "",
@@ -180,3 +181,94 @@ def write_run_report(run_dir: Path, cfg, result, *, questions, references, lengt
               "- `config.yaml`: the resolved config", "- `manifest.json`: versions, data hash, device, timings",
               "- `metrics.jsonl`: one line per logged step", "- `checkpoints/`: resumable checkpoints", ""]
     write_atomic(run_dir / "report.md", "\n".join(lines))
+
+
+def write_pretrain_report(stage_dir: Path, cfg, result, *, source, stats, n_blocks, n_val_docs, n_val_blocks,
+                          model_info, n_trainable, world_size: int = 1) -> None:
+    """`report.md` + `manifest.json` of the continued pre-training stage: held-out perplexity before/after."""
+    import math
+
+    p = cfg.pretrain
+    manifest = {
+        "stage": "pretrain",
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "device": device_name(model_info["device"]),
+        "model": model_info,
+        "corpus": {"source": source, "sha256": file_sha256(source), "documents": stats.documents,
+                   "tokens": stats.tokens, "blocks": n_blocks, "block_size": p.block_size,
+                   "dropped_tail_tokens": stats.dropped_tokens, "held_out_documents": n_val_docs,
+                   "held_out_blocks": n_val_blocks},
+        "trainable_parameters": n_trainable,
+        "steps": result.steps,
+        "processes": world_size,
+        "wall_time_s": round(result.wall_s, 1),
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "peak_memory_gib": round(result.peak_mem_gib, 3),
+        "held_out_loss_before": result.val_loss_before,
+        "held_out_loss_after": result.val_loss_after,
+        "perplexity_before": math.exp(result.val_loss_before),
+        "perplexity_after": math.exp(result.val_loss_after),
+    }
+    write_atomic(stage_dir / "manifest.json", json.dumps(manifest, indent=2))
+    loss_png = plot_loss(stage_dir)
+    lines = [
+        "# medcot continued pre-training",
+        "",
+        f"*{DISCLAIMER}*",
+        "",
+        f"- Base model: `{cfg.model.name_or_path}` ({model_info['dtype']}, quantization {model_info['quantization']}) "
+        f"on {manifest['device']}",
+        f"- Corpus: `{source}`: {stats.documents} documents, {stats.tokens:,} tokens in {n_blocks} blocks of "
+        f"{p.block_size} (documents never attend to each other); {n_val_docs} documents held out",
+        f"- LoRA r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}"
+        + (" + full embed_tokens and lm_head" if p.train_embeddings else "") + f": {n_trainable:,} trainable parameters",
+        f"- {result.steps} steps × {cfg.train.per_device_batch_size * cfg.train.gradient_accumulation_steps} blocks, "
+        f"lr {p.learning_rate:g}, wall time {result.wall_s:.0f} s, {result.tokens_per_s:,.0f} tokens/s, "
+        f"peak memory {result.peak_mem_gib:.2f} GiB",
+        "",
+        "## Held-out perplexity",
+        "",
+        "| | before | after |",
+        "|---|---|---|",
+        f"| loss per token | {result.val_loss_before:.4f} | {result.val_loss_after:.4f} |",
+        f"| perplexity | {math.exp(result.val_loss_before):.2f} | {math.exp(result.val_loss_after):.2f} |",
+        "",
+    ]
+    if loss_png:
+        lines += ["## Training loss", "", f"![loss curve]({loss_png.name})", ""]
+    write_atomic(stage_dir / "report.md", "\n".join(lines))
+
+
+def append_pretrain_comparison(run_dir: Path, pre, with_pre, without_pre) -> None:
+    """Add to the run's report what pre-training changed: the SFT stage with and without it."""
+    import math
+
+    lines = [
+        "",
+        "## Did continued pre-training help?",
+        "",
+        f"Continued pre-training ({pre.steps} steps, `pretrain/report.md`): held-out text perplexity "
+        f"{math.exp(pre.val_loss_before):.2f} → {math.exp(pre.val_loss_after):.2f}.",
+        "The same SFT stage (same data, steps and seed) from the base model with and without it "
+        "(`without-pretrain/report.md`):",
+        "",
+        "| SFT stage | CoT validation loss before SFT | after SFT |",
+        "|---|---|---|",
+        f"| after pre-training | {with_pre.val_loss_before:.4f} | {with_pre.val_loss_after:.4f} |",
+        f"| from the base model | {without_pre.val_loss_before:.4f} | {without_pre.val_loss_after:.4f} |",
+        "",
+    ]
+    if with_pre.eval_after and without_pre.eval_after:
+        lines += ["| benchmark | with pre-training | without |", "|---|---|---|"]
+        for name in with_pre.eval_after:
+            a, b = with_pre.eval_after[name], without_pre.eval_after.get(name, {})
+            lines.append(f"| {name} | {_score(a)} | {_score(b)} |")
+        lines.append("")
+    lines += ["Small runs move these numbers by noise as much as by effect; read them with the step counts above.", ""]
+    path = run_dir / "report.md"
+    write_atomic(path, path.read_text() + "\n".join(lines))
+
+
+def _score(entry: dict) -> str:
+    return f"{entry['accuracy']:.1%} (n={entry['n']})" if entry else "–"

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 class Tracker:
     def __init__(self, run_dir: Path, report_to: str, project: str, run_name: str, config: dict, resume_step: int = 0):
+        run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         self._truncate_after(resume_step)
         self._wandb = None

@@ -6,15 +6,19 @@
 
 resolve config → data → prompt/tokenize → model + LoRA → answers and val loss before → fit
 (checkpoints, metrics) → save adapter → answers and val loss after → report.
+With train.stage=pretrain+sft the continued pre-training stage (medcot/pretrain.py) runs first
+and the SFT stage starts from its merged adapter; under a launcher, several processes share
+each step (medcot/distributed.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
@@ -22,7 +26,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import report
+from . import distributed, report
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomic, write_dir_atomic
 from .collate import count_loss_tokens, micro_batches, pack_collate, pad_collate, rows_for_step
 from .config import Config, load_config
@@ -30,7 +34,8 @@ from .data import load_records, split_records
 from .eval.run import evaluate_for_train
 from .fast import apply_fused_kernels, fast_path_enabled, limit_checkpointing, use_packed_attention
 from .generate import generate, split_reasoning
-from .model import attach_lora, load_base
+from .distributed import World
+from .model import attach_lora, load_base, merge_adapter, resolve_device
 from .prompts import Encoded, PromptFormatter, encode_records
 from .tracking import Tracker
 
@@ -61,25 +66,67 @@ class TrainResult:
 
 
 def train(cfg: Config | None = None, resume: str | Path | None = None, on_log: Callable[[str], None] = log.info) -> TrainResult:
-    """Run (or resume) a fine-tune and write the run folder.
+    """Run (or resume) the stages `train.stage` names and write the run folder.
+
+    Under a launcher with several processes every rank runs this; only rank 0 writes.
 
     Raises:
         TrainingDiverged: NaN/inf loss; the last good checkpoint stays on disk.
         TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was saved first.
     """
-    t_start = time.time()
-    # -- Run folder ---------------------------------------------------------------------------
+    cfg, run_dir = _open_run(cfg, resume)
+    world = distributed.init(cfg.train.distributed, resolve_device(cfg.model).type == "cuda")
+    try:
+        run_dir = distributed.broadcast(run_dir, world)  # the default name is rank 0's timestamp
+        if not world.main:
+            on_log = _silent
+        if world.size > 1:
+            on_log(f"distributed: {world.size} processes, {world.strategy}; each step's "
+                   f"{cfg.train.per_device_batch_size * cfg.train.gradient_accumulation_steps} rows are shared among them")
+        if cfg.train.stage == "sft":
+            return sft(cfg, run_dir, world, on_log)
+        from .pretrain import pretrain
+
+        pre = pretrain(cfg, run_dir / "pretrain", world, on_log)
+        if cfg.train.stage == "pretrain":
+            return pre
+        result = sft(cfg, run_dir, world, on_log, start_from=run_dir / "pretrain" / "adapter")
+        if cfg.pretrain.compare:
+            on_log("comparison: the same SFT stage from the base model without pre-training")
+            baseline = sft(cfg, run_dir / "without-pretrain", world, on_log, run_root=run_dir)
+            if world.main:
+                report.append_pretrain_comparison(run_dir, pre, result, baseline)
+        return result
+    finally:
+        distributed.shutdown(world)
+
+
+def _open_run(cfg: Config | None, resume: str | Path | None) -> tuple[Config, Path]:
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"{run_dir} is not a medcot run folder (no config.yaml); cannot resume")
-        cfg = load_config(run_dir / "config.yaml")  # the run's own config: a resumed run must not change recipe
-    else:
-        assert cfg is not None, "train() needs a config or a run folder to resume"
-        name = cfg.train.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(cfg.train.output_dir) / name
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise FileExistsError(f"{run_dir} already exists; pick another train.run_name or resume it with --resume {run_dir}")
+        return load_config(run_dir / "config.yaml"), run_dir  # a resumed run must not change recipe
+    assert cfg is not None, "train() needs a config or a run folder to resume"
+    name = cfg.train.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.train.output_dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir} already exists; pick another train.run_name or resume it with --resume {run_dir}")
+    return cfg, run_dir
+
+
+def sft(cfg: Config, run_dir: Path, world: World, on_log: Callable[[str], None] = log.info,
+        start_from: Path | None = None, run_root: Path | None = None) -> TrainResult:
+    """The chain-of-thought fine-tune, into `run_dir`; resumes from its checkpoints, skips if done.
+
+    `start_from`: an adapter merged into the base first (the pre-training stage's).
+    `run_root`: the run folder `run_dir` is a stage of (default: `run_dir` itself).
+    """
+    run_root = run_root or run_dir
+    if (done := finished(run_dir)) is not None:
+        on_log(f"{run_dir}: already finished; skipping")
+        return done
+    t_start = time.time()
     t = cfg.train
     torch.manual_seed(t.seed)  # LoRA's A matrices are drawn from this: same seed, same start
 
@@ -91,123 +138,36 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, on_log: C
 
     # -- Model and tokens ---------------------------------------------------------------------
     model, tokenizer, model_info = load_base(cfg.model)
+    on_log(f"model: {model_info['path']} on {model_info['device']} ({model_info['dtype']}, "
+           f"quantization {model_info['quantization']})")
+    if start_from is not None:
+        model = merge_adapter(model, start_from)
+        on_log(f"model: merged the pre-training adapter {start_from} into the base")
     formatter = PromptFormatter(tokenizer, cfg.prompt)
     train_rows, lengths = encode_records(formatter, splits.train, t.max_seq_length, cfg.data.overlong)
     val_rows, _ = encode_records(formatter, splits.val, t.max_seq_length, "truncate")
     on_log(f"tokens: {lengths.summary()}")
     if not train_rows:
         raise ValueError(f"No training rows fit train.max_seq_length={t.max_seq_length}; raise it or set data.overlong=truncate")
-    device = next(model.parameters()).device
-    packing = fast_path_enabled(t.fast_path, device)
-    kernels = apply_fused_kernels(model, device) if packing else []
-    if packing and not t.gradient_checkpointing:
-        # Varlen flash attention skips all cross-row work, but on the H100/H200 runs in
-        # docs/benchmarks.md activation recompute did not engage around it (peak memory did not move
-        # with train.checkpoint_ratio). With checkpointing on, packed rows use transformers'
-        # block-diagonal SDPA mask instead, which keeps memory bounded.
-        use_packed_attention(model)
-    model = attach_lora(model, cfg.lora, t.gradient_checkpointing)
-    n_ckpt = limit_checkpointing(model, t.checkpoint_ratio) if t.gradient_checkpointing else 0
-    on_log(f"fast path: {'on' if packing else 'off'} (packing {'on' if packing else 'off'}, "
-           f"kernels: {', '.join(kernels) or 'none'}); activation recompute in {n_ckpt} layers")
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
-    on_log(f"model: {model_info['path']} on {model_info['device']} ({model_info['dtype']}, "
-           f"quantization {model_info['quantization']}); trainable {n_trainable:,} of {n_total:,} parameters")
-
-    # -- Optimizer and schedule ---------------------------------------------------------------
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _make_optimizer(params, cfg)
-    scheduler = _make_scheduler(optimizer, cfg)
-    autocast = autocast_for(device, model_info["dtype"])
-
-    if resume is None:  # only now: a setup error (bad data, model, optimizer) must not leave a half-made run folder
-        write_atomic(run_dir / "config.yaml", cfg.to_yaml())
-
-    # -- Resume or start ----------------------------------------------------------------------
-    start_step = 0
-    state: dict = {}
-    ckpt = latest_checkpoint(run_dir) if resume is not None else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
-        start_step = state["step"]
-        on_log(f"resumed from {ckpt} at step {start_step}/{t.max_steps}")
-    elif resume is not None:
-        on_log(f"no checkpoint in {run_dir}; starting it from step 0")
+    run = Trainer.build(model, cfg, world, run_root, on_log)
+    pad_id = tokenizer.pad_token_id
     sample_q = splits.val[: t.sample_questions]
-    if "val_loss_before" not in state:
+
+    def before() -> dict:
         # LoRA's B matrices start at zero, so the wrapped model is still exactly the base model here.
-        state["val_loss_before"] = validation_loss(model, val_rows, tokenizer.pad_token_id, t.per_device_batch_size, autocast)
-        state["answers_before"] = _answer(model, tokenizer, formatter, sample_q, cfg)
-        state["eval_before"] = evaluate_for_train(model, tokenizer, cfg)  # {} unless eval.train_eval_limit > 0
-        on_log(f"before: validation loss {state['val_loss_before']:.4f}")
-    tracker = Tracker(run_dir, t.report_to, t.wandb_project, run_dir.name, cfg.to_dict(), resume_step=start_step)
+        out = {"val_loss_before": validation_loss(run.model, val_rows, pad_id, t.per_device_batch_size, run.autocast),
+               "answers_before": _answer(run.model, tokenizer, formatter, sample_q, cfg),
+               "eval_before": evaluate_for_train(run.model, tokenizer, cfg)}  # {} unless eval.train_eval_limit > 0
+        on_log(f"before: validation loss {out['val_loss_before']:.4f}")
+        return out
 
-    # -- Fit ----------------------------------------------------------------------------------
-    stop = _StopFlag()
-    rows_per_step = t.per_device_batch_size * t.gradient_accumulation_steps
-    tokens_seen, fit_time = state.get("tokens_seen", 0), state.get("fit_time", 0.0)
-    wall_before = state.get("wall_s", 0.0)  # time spent by earlier, interrupted attempts
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    model.train()
-    pbar = tqdm(total=t.max_steps, initial=start_step, desc="train", unit="step", disable=None)
-    with stop.installed(), pbar:
-        for step in range(start_step, t.max_steps):
-            t0 = time.perf_counter()
-            idx = rows_for_step(len(train_rows), step, rows_per_step, t.seed)
-            rows = [train_rows[i] for i in idx]
-            step_loss = train_step(model, rows, t, tokenizer.pad_token_id, packing, autocast)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
-            if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))):
-                last = latest_checkpoint(run_dir)
-                tracker.close()
-                raise TrainingDiverged(
-                    f"step {step + 1}: loss {step_loss} / grad norm {float(grad_norm)} is not finite. "
-                    f"Last good checkpoint: {last or 'none'}. Lower train.learning_rate or use model.dtype=bf16/fp32."
-                )
-            lr = scheduler.get_last_lr()[0]  # the rate this step used, before the schedule advances
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            fit_time += dt
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{step_loss:.3f}")
-            n_tokens = sum(len(r.input_ids) for r in rows)
-            tokens_seen += n_tokens
-            if (step + 1) % t.logging_steps == 0 or step + 1 == t.max_steps:
-                metrics = {
-                    "loss": step_loss,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_s": n_tokens / dt,
-                    "step_time_s": dt,
-                    "epoch": (step + 1) * rows_per_step / len(train_rows),
-                    "mem_gib": _peak_mem_gib(device),
-                }
-                tracker.log(metrics, step=step + 1)
-                on_log(f"step {step + 1}/{t.max_steps} | loss {step_loss:.4f} | lr {metrics['lr']:.2e} | "
-                       f"grad {metrics['grad_norm']:.3f} | tok/s {metrics['tokens_per_s']:,.0f} | mem {metrics['mem_gib']:.2f} GiB")
-            state.update(tokens_seen=tokens_seen, fit_time=fit_time, wall_s=wall_before + time.time() - t_start)
-            done = step + 1 == t.max_steps
-            if (t.save_steps and (step + 1) % t.save_steps == 0) or stop.requested or done:
-                save_checkpoint(run_dir, step + 1, model, optimizer, scheduler, state)
-            if stop.requested and not done:
-                tracker.close()
-                raise TrainingInterrupted(
-                    f"Interrupted by {stop.requested}; checkpoint saved at step {step + 1}. "
-                    f"Resume with: medcot train --resume {run_dir}"
-                )
-
-    # -- Save the adapter ---------------------------------------------------------------------
-    model.eval()
-    _save_adapter(model, tokenizer, run_dir)
+    state = run.fit(train_rows, run_dir, t.max_steps, t.learning_rate, pad_id, before)
+    run.save_adapter(tokenizer, run_dir)
 
     # -- After --------------------------------------------------------------------------------
-    val_loss_after = validation_loss(model, val_rows, tokenizer.pad_token_id, t.per_device_batch_size, autocast)
-    answers_after = _answer(model, tokenizer, formatter, sample_q, cfg)
-    eval_after = evaluate_for_train(model, tokenizer, cfg)
+    val_loss_after = validation_loss(run.model, val_rows, pad_id, t.per_device_batch_size, run.autocast)
+    answers_after = _answer(run.model, tokenizer, formatter, sample_q, cfg)
+    eval_after = evaluate_for_train(run.model, tokenizer, cfg)
     on_log(f"after: validation loss {val_loss_after:.4f} (before {state['val_loss_before']:.4f})")
     result = TrainResult(
         run_dir=run_dir,
@@ -218,70 +178,216 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, on_log: C
         answers_after=answers_after,
         eval_before=state.get("eval_before", {}),
         eval_after=eval_after,
-        wall_s=wall_before + time.time() - t_start,
-        tokens_per_s=tokens_seen / fit_time if fit_time else 0.0,
-        peak_mem_gib=_peak_mem_gib(device),
+        wall_s=state.get("wall_s", 0.0) + time.time() - t_start,
+        tokens_per_s=state["tokens_seen"] / state["fit_time"] if state["fit_time"] else 0.0,
+        peak_mem_gib=peak_mem_gib(run.device),
     )
-    tracker.summary({"val_loss_before": result.val_loss_before, "val_loss_after": result.val_loss_after})
-    tracker.close()
-
-    # -- Report -------------------------------------------------------------------------------
-    report.write_run_report(
-        run_dir, cfg, result,
-        questions=[r.question for r in sample_q],
-        references=[r.answer for r in sample_q],
-        lengths=lengths,
-        data_source=loaded.source,
-        n_skipped=len(loaded.skipped),
-        model_info=model_info,
-        n_trainable=n_trainable,
-        tracker_backend=tracker.backend,
-    )
+    if world.main:
+        run.tracker_summary({"val_loss_before": result.val_loss_before, "val_loss_after": result.val_loss_after})
+        report.write_run_report(
+            run_dir, cfg, result,
+            questions=[r.question for r in sample_q],
+            references=[r.answer for r in sample_q],
+            lengths=lengths,
+            data_source=loaded.source,
+            n_skipped=len(loaded.skipped),
+            model_info=model_info,
+            n_trainable=run.n_trainable,
+            tracker_backend=run.tracker_backend,
+            world_size=world.size,
+        )
+        mark_finished(run_dir, result)
     return result
 
 
-def train_step(model, rows: list[Encoded], t, pad_id: int, packing: bool, autocast) -> float:
+@dataclass
+class Trainer:
+    """A model ready to train on this process: LoRA attached, fast path chosen, wrapped for DDP/FSDP."""
+
+    model: torch.nn.Module  # the PeftModel (sharded in place under FSDP): generate and evaluate with it
+    engine: torch.nn.Module  # what forward/backward run through (DDP wrapper, or the model itself)
+    cfg: Config
+    world: World
+    run_root: Path  # the run folder (config.yaml); a stage may train in a subfolder of it
+    device: torch.device
+    packing: bool
+    autocast: object
+    on_log: Callable[[str], None]
+    n_trainable: int = 0
+    tracker_backend: str = "none"
+    _tracker: Tracker | None = None
+
+    @classmethod
+    def build(cls, model, cfg: Config, world: World, run_root: Path, on_log, lora_extra: dict | None = None) -> "Trainer":
+        t = cfg.train
+        device = next(model.parameters()).device
+        packing = fast_path_enabled(t.fast_path, device)
+        kernels = apply_fused_kernels(model, device) if packing else []
+        if packing and not t.gradient_checkpointing:
+            # Varlen flash attention skips all cross-row work, but on the H100/H200 runs in
+            # docs/benchmarks.md activation recompute did not engage around it (peak memory did not move
+            # with train.checkpoint_ratio). With checkpointing on, packed rows use transformers'
+            # block-diagonal SDPA mask instead, which keeps memory bounded.
+            use_packed_attention(model)
+        model = attach_lora(model, cfg.lora, t.gradient_checkpointing, **(lora_extra or {}))
+        n_ckpt = limit_checkpointing(model, t.checkpoint_ratio) if t.gradient_checkpointing else 0
+        on_log(f"fast path: {'on' if packing else 'off'} (packing {'on' if packing else 'off'}, "
+               f"kernels: {', '.join(kernels) or 'none'}); activation recompute in {n_ckpt} layers")
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_total = sum(p.numel() for p in model.parameters())
+        on_log(f"model: {device}, trainable {n_trainable:,} of {n_total:,} parameters")
+        engine = distributed.wrap(model, world)
+        dtype = str(next(p for p in model.parameters() if not p.requires_grad).dtype).removeprefix("torch.")
+        return cls(model=model, engine=engine, cfg=cfg, world=world, run_root=run_root, device=device, packing=packing,
+                   autocast=autocast_for(device, dtype), on_log=on_log, n_trainable=n_trainable)
+
+    def fit(self, rows: list[Encoded], stage_dir: Path, max_steps: int, lr: float, pad_id: int,
+            before: Callable[[], dict]) -> dict:
+        """The optimizer loop, resuming from `stage_dir`'s newest checkpoint; returns the run state."""
+        t, world, on_log = self.cfg.train, self.world, self.on_log
+        params = [p for p in self.engine.parameters() if p.requires_grad]
+        optimizer = _make_optimizer(params, t.optimizer, lr, t.weight_decay)
+        scheduler = _make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, max_steps)
+        start_step, state = 0, {}
+        if (ckpt := latest_checkpoint(stage_dir)) is not None:
+            state = load_checkpoint(ckpt, self.engine, optimizer, scheduler)
+            start_step = state["step"]
+            on_log(f"resumed from {ckpt} at step {start_step}/{max_steps}")
+        if "val_loss_before" not in state and "ppl_before" not in state:
+            state.update(before())
+        if world.main:
+            if not (self.run_root / "config.yaml").is_file():
+                # Only now: a setup error (bad data, model, optimizer) must not leave a half-made run folder.
+                write_atomic(self.run_root / "config.yaml", self.cfg.to_yaml())
+            root = self.run_root
+            name = root.name if root == stage_dir else f"{root.name}-{stage_dir.name}"
+            self._tracker = Tracker(stage_dir, t.report_to, t.wandb_project, name, self.cfg.to_dict(),
+                                    resume_step=start_step)
+            self.tracker_backend = self._tracker.backend
+
+        stop = _StopFlag()
+        rows_per_step = t.per_device_batch_size * t.gradient_accumulation_steps
+        state.setdefault("tokens_seen", 0)
+        state.setdefault("fit_time", 0.0)
+        wall_before, t_start = state.get("wall_s", 0.0), time.time()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.engine.train()
+        pbar = tqdm(total=max_steps, initial=start_step, desc=stage_dir.name, unit="step", disable=None if world.main else True)
+        with stop.installed(), pbar:
+            for step in range(start_step, max_steps):
+                t0 = time.perf_counter()
+                idx = rows_for_step(len(rows), step, rows_per_step, t.seed)
+                step_rows = [rows[i] for i in idx]
+                step_loss = train_step(self.engine, step_rows, t, pad_id, self.packing, self.autocast, world)
+                grad_norm = float(distributed.full_tensor(
+                    torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))))
+                if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                    self._close()
+                    raise TrainingDiverged(
+                        f"step {step + 1}: loss {step_loss} / grad norm {grad_norm} is not finite. "
+                        f"Last good checkpoint: {latest_checkpoint(stage_dir) or 'none'}. "
+                        "Lower train.learning_rate or use model.dtype=bf16/fp32."
+                    )
+                lr_now = scheduler.get_last_lr()[0]  # the rate this step used, before the schedule advances
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                dt = time.perf_counter() - t0
+                state["fit_time"] += dt
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{step_loss:.3f}")
+                n_tokens = sum(len(r.input_ids) for r in step_rows)  # the whole step, all processes
+                state["tokens_seen"] += n_tokens
+                if (step + 1) % t.logging_steps == 0 or step + 1 == max_steps:
+                    metrics = {"loss": step_loss, "lr": lr_now, "grad_norm": grad_norm, "tokens_per_s": n_tokens / dt,
+                               "step_time_s": dt, "epoch": (step + 1) * rows_per_step / len(rows),
+                               "mem_gib": peak_mem_gib(self.device)}
+                    if self._tracker is not None:
+                        self._tracker.log(metrics, step=step + 1)
+                    on_log(f"step {step + 1}/{max_steps} | loss {step_loss:.4f} | lr {lr_now:.2e} | "
+                           f"grad {grad_norm:.3f} | tok/s {metrics['tokens_per_s']:,.0f} | mem {metrics['mem_gib']:.2f} GiB")
+                state["wall_s"] = wall_before + time.time() - t_start
+                done = step + 1 == max_steps
+                stop_now = distributed.broadcast(stop.requested, world)  # every rank stops at the same step
+                if (t.save_steps and (step + 1) % t.save_steps == 0) or stop_now or done:
+                    save_checkpoint(stage_dir, step + 1, self.engine, optimizer, scheduler, state, world)
+                if stop_now and not done:
+                    self._close()
+                    raise TrainingInterrupted(
+                        f"Interrupted by {stop_now}; checkpoint saved at step {step + 1}. "
+                        f"Resume with: medcot train --resume {self.run_root}"
+                    )
+        self.engine.eval()
+        return state
+
+    def save_adapter(self, tokenizer, run_dir: Path) -> None:
+        """Adapter in PEFT format + tokenizer, written to a temporary folder and renamed (rank 0)."""
+        weights = distributed.trainable_state(self.engine)  # collective: every rank takes part
+        if self.world.main:
+            with write_dir_atomic(run_dir / "adapter") as tmp:
+                self.model.save_pretrained(tmp, state_dict=weights)
+                tokenizer.save_pretrained(tmp)
+        distributed.barrier(self.world)  # the next stage reads it
+
+    def tracker_summary(self, values: dict) -> None:
+        if self._tracker is not None:
+            self._tracker.summary(values)
+        self._close()
+
+    def _close(self) -> None:
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
+
+
+def train_step(model, rows: list[Encoded], t, pad_id: int, packing: bool, autocast, world: World = World()) -> float:
     """Forward and backward over one optimizer step's rows; returns the step's loss.
 
-    The loss is normalised by the response tokens of the whole step, not per micro-batch, so every
-    response token weighs the same however the rows are grouped into micro-batches (padded pairs or
-    packed sequences): the fast and plain paths optimise the same objective.
+    The loss is normalised by the response tokens of the whole step, not per micro-batch or per
+    process, so every response token weighs the same however the rows are grouped into micro-batches
+    (padded pairs or packed sequences) and shared among processes: the fast and plain paths, on one
+    GPU or several, optimise the same objective.
     """
     device = next(model.parameters()).device
-    n_loss_tokens = count_loss_tokens(rows)
+    n_loss_tokens = count_loss_tokens(rows)  # of the whole step: every rank knows all of its rows
+    mine = distributed.shard_rows(rows, world)
+    groups = micro_batches(mine, t.per_device_batch_size, packing, t.micro_batch_tokens)
+    if world.size > 1:  # every rank must run as many forward/backward passes (FSDP gathers in each)
+        counts = [len(micro_batches(distributed.shard_rows(rows, World(rank=r, size=world.size)),
+                                    t.per_device_batch_size, packing, t.micro_batch_tokens)) for r in range(world.size)]
+        groups = distributed.equal_groups(groups, world, counts)
     step_loss = torch.zeros((), device=device)
-    for group in micro_batches(rows, t.per_device_batch_size, packing, t.micro_batch_tokens):
+    for i, group in enumerate(groups):
         batch = pack_collate(group) if packing else pad_collate(group, pad_id)
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with autocast:
+        with distributed.accumulating(model, world, sync=i == len(groups) - 1), autocast:
             loss = model(**batch, num_items_in_batch=n_loss_tokens).loss
-        loss.backward()
+            # DDP and FSDP average gradients over processes; each process holds only its share of the sum.
+            (loss * world.size).backward()
         step_loss += loss.detach()  # stays on the device: no CPU-GPU sync per micro-batch
-    return float(step_loss)  # one sync per step
+    return float(distributed.sum_across(step_loss, world))  # one sync per step
 
 
 # ---------------------------------------------------------------------------------------------
 # Helpers, in the order the loop uses them.
 
 
-def _make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
-    t = cfg.train
-    if t.optimizer == "adamw_8bit":
+def _make_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adamw_8bit":
         try:
             import bitsandbytes as bnb
         except ImportError as e:
             raise RuntimeError("train.optimizer=adamw_8bit needs bitsandbytes on CUDA; use train.optimizer=adamw") from e
-        return bnb.optim.AdamW8bit(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def _make_scheduler(optimizer, cfg: Config):
+def _make_scheduler(optimizer, kind: str, warmup_steps: int, max_steps: int):
     from transformers import get_scheduler
 
-    return get_scheduler(
-        cfg.train.lr_scheduler if cfg.train.lr_scheduler != "constant" else "constant_with_warmup",
-        optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.max_steps,
-    )
+    return get_scheduler(kind if kind != "constant" else "constant_with_warmup", optimizer,
+                         num_warmup_steps=warmup_steps, num_training_steps=max_steps)
 
 
 def autocast_for(device: torch.device, dtype: str):
@@ -294,7 +400,7 @@ def autocast_for(device: torch.device, dtype: str):
 
 @torch.no_grad()
 def validation_loss(model, rows: list[Encoded], pad_id: int, batch_size: int, autocast) -> float:
-    """Mean loss per response token over the validation rows."""
+    """Mean loss per response token over the validation rows (per token, for pre-training blocks)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -302,7 +408,10 @@ def validation_loss(model, rows: list[Encoded], pad_id: int, batch_size: int, au
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         k = count_loss_tokens(chunk)
-        batch = {k_: v.to(device) for k_, v in pad_collate(chunk, pad_id).items()}
+        # Pre-training blocks are full (no padding) and hold several documents: pack them so that
+        # positions restart and attention stops at each document's end, as in training.
+        collated = pack_collate(chunk) if chunk[0].doc_lens else pad_collate(chunk, pad_id)
+        batch = {k_: v.to(device) if torch.is_tensor(v) else v for k_, v in collated.items()}
         with autocast:
             total += model(**batch, num_items_in_batch=k).loss.item() * k
         n += k
@@ -321,14 +430,24 @@ def _answer(model, tokenizer, formatter: PromptFormatter, records, cfg: Config) 
     return [o.text for o in outs]
 
 
-def _save_adapter(model, tokenizer, run_dir: Path) -> None:
-    """Adapter in PEFT format + tokenizer, written to a temporary folder and renamed."""
-    with write_dir_atomic(run_dir / "adapter") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+def finished(run_dir: Path) -> TrainResult | None:
+    """The result of a stage that already completed in `run_dir` (resuming a multi-stage run)."""
+    path = run_dir / "result.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return TrainResult(**{**data, "run_dir": Path(data["run_dir"])})
 
 
-def _peak_mem_gib(device: torch.device) -> float:
+def mark_finished(run_dir: Path, result: TrainResult) -> None:
+    write_atomic(run_dir / "result.json", json.dumps({**asdict(result), "run_dir": str(result.run_dir)}, indent=2))
+
+
+def _silent(_: str) -> None:
+    """on_log for ranks other than 0: one process speaks for the run."""
+
+
+def peak_mem_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource

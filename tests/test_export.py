@@ -94,7 +94,7 @@ def test_gguf_export_writes_llama_cpp_tensors_and_vocabulary(run_dir, tmp_path):
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
     from medcot.embedded import gguf_path
-    from medcot.export import merge_adapter
+    from medcot.export import merged_model
 
     out = tmp_path / "gguf"
     assert main(["export", str(run_dir), "--to", "gguf", "--dtype", "fp32", "--out", str(out)]) == 0
@@ -106,7 +106,7 @@ def test_gguf_export_writes_llama_cpp_tensors_and_vocabulary(run_dir, tmp_path):
     ours = gguf.GGUFReader(out / "tiny-fp32.gguf")
     tensors = {t.name: torch.from_numpy(t.data.copy()) for t in ours.tensors}
     assert "output.weight" not in tensors  # tied embeddings: llama.cpp reuses token_embd
-    merged, _ = merge_adapter(load_config(run_dir / "config.yaml"), run_dir / "adapter", "fp32")
+    merged, _ = merged_model(load_config(run_dir / "config.yaml"), run_dir, "fp32")
     state = merged.state_dict()
     torch.testing.assert_close(tensors["token_embd.weight"], state["model.embed_tokens.weight"])
     torch.testing.assert_close(tensors["blk.1.ffn_down.weight"], state["model.layers.1.mlp.down_proj.weight"])

@@ -44,19 +44,19 @@ def _capture_model(mp: pytest.MonkeyPatch):
     """Keep a handle on the model `train` builds: its parameters right after LoRA is attached, and the
     trained model object when the adapter is saved."""
     seen: dict = {}
-    attach, save = medcot.train.attach_lora, medcot.train._save_adapter
+    attach, save = medcot.train.attach_lora, medcot.train.Trainer.save_adapter
 
     def attach_spy(*args, **kwargs):
         model = attach(*args, **kwargs)
         seen["initial"] = {n: p.detach().clone() for n, p in model.named_parameters()}
         return model
 
-    def save_spy(model, *args, **kwargs):
-        seen["model"] = model
-        return save(model, *args, **kwargs)
+    def save_spy(trainer, *args, **kwargs):
+        seen["model"] = trainer.model
+        return save(trainer, *args, **kwargs)
 
     mp.setattr(medcot.train, "attach_lora", attach_spy)
-    mp.setattr(medcot.train, "_save_adapter", save_spy)
+    mp.setattr(medcot.train.Trainer, "save_adapter", save_spy)
     yield seen
 
 
@@ -309,7 +309,7 @@ def test_nan_mid_run_keeps_the_last_good_checkpoint(tmp_path, tiny_train_argv, c
     last = run / "checkpoints" / "step-000002"
     assert "step 3: loss nan" in err and f"Last good checkpoint: {last}" in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
-    assert all(torch.isfinite(t).all() for t in load_file(last / "adapter_model.safetensors").values())
+    assert all(torch.isfinite(t).all() for t in load_file(last / "trainable.safetensors").values())
     assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert not (run / "adapter").exists()
 
