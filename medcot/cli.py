@@ -132,6 +132,7 @@ def cmd_train(args) -> int:
         result = train(cfg, resume=args.resume)
     if rank != 0:
         return 0
+    cfg = cfg or load_config(Path(args.resume) / "config.yaml")
     print()
     print("=" * 72)
     print(f"Run folder        {result.run_dir}")

@@ -160,6 +160,8 @@ def load_for_inference(cfg: Config, adapter: str | Path | None = None):
     if adapter is not None:
         run_dir = Path(adapter)
         adapter_dir = run_dir / "adapter" if (run_dir / "adapter").is_dir() else run_dir
+        if adapter_dir == run_dir and (run_dir.parent / "config.yaml").is_file():
+            run_dir = run_dir.parent  # RUN/adapter was passed: the run's config and earlier stages are beside it
         if not (adapter_dir / "adapter_config.json").is_file():
             raise FileNotFoundError(
                 f"{run_dir} holds no adapter (no adapter_config.json in {adapter_dir}); "

@@ -240,13 +240,15 @@ def write_pretrain_report(stage_dir: Path, cfg, result, *, source, stats, n_bloc
     write_atomic(stage_dir / "report.md", "\n".join(lines))
 
 
+COMPARISON_HEADING = "## Did continued pre-training help?"
+
+
 def append_pretrain_comparison(run_dir: Path, pre, with_pre, without_pre) -> None:
     """Add to the run's report what pre-training changed: the SFT stage with and without it."""
     import math
 
     lines = [
-        "",
-        "## Did continued pre-training help?",
+        COMPARISON_HEADING,
         "",
         f"Continued pre-training ({pre.steps} steps, `pretrain/report.md`): held-out text perplexity "
         f"{math.exp(pre.val_loss_before):.2f} → {math.exp(pre.val_loss_after):.2f}.",
@@ -267,7 +269,8 @@ def append_pretrain_comparison(run_dir: Path, pre, with_pre, without_pre) -> Non
         lines.append("")
     lines += ["Small runs move these numbers by noise as much as by effect; read them with the step counts above.", ""]
     path = run_dir / "report.md"
-    write_atomic(path, path.read_text() + "\n".join(lines))
+    text = path.read_text().split(COMPARISON_HEADING)[0].rstrip("\n")  # a resumed run replaces it, never repeats it
+    write_atomic(path, text + "\n\n" + "\n".join(lines))
 
 
 def _score(entry: dict) -> str:

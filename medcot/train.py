@@ -256,9 +256,11 @@ class Trainer:
         if "val_loss_before" not in state and "ppl_before" not in state:
             state.update(before())
         if world.main:
-            if not (self.run_root / "config.yaml").is_file():
-                # Only now: a setup error (bad data, model, optimizer) must not leave a half-made run folder.
-                write_atomic(self.run_root / "config.yaml", self.cfg.to_yaml())
+            # Only now: a setup error (bad data, model, optimizer) must not leave a half-made run folder.
+            # A stage folder gets its own copy, so ask/eval/export accept it as a run folder too.
+            for folder in {self.run_root, stage_dir}:
+                if not (folder / "config.yaml").is_file():
+                    write_atomic(folder / "config.yaml", self.cfg.to_yaml())
             root = self.run_root
             name = root.name if root == stage_dir else f"{root.name}-{stage_dir.name}"
             self._tracker = Tracker(stage_dir, t.report_to, t.wandb_project, name, self.cfg.to_dict(),
@@ -435,12 +437,11 @@ def finished(run_dir: Path) -> TrainResult | None:
     path = run_dir / "result.json"
     if not path.is_file():
         return None
-    data = json.loads(path.read_text())
-    return TrainResult(**{**data, "run_dir": Path(data["run_dir"])})
+    return TrainResult(**{**json.loads(path.read_text()), "run_dir": run_dir})  # the folder may have moved
 
 
 def mark_finished(run_dir: Path, result: TrainResult) -> None:
-    write_atomic(run_dir / "result.json", json.dumps({**asdict(result), "run_dir": str(result.run_dir)}, indent=2))
+    write_atomic(run_dir / "result.json", json.dumps({**asdict(result), "run_dir": run_dir.name}, indent=2))
 
 
 def _silent(_: str) -> None:
