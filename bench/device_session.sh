@@ -29,6 +29,15 @@ for stage in ${1:-model fasttest train bench4}; do case $stage in
            --timeout 200 --out $OUT/train_4bit_mbt${MBT:-4096}_ckr${CKR:-1.0}.json ;;
   bench16) run bench16 python3 bench/train_throughput.py --model $MODEL --data $DATA $COLS --quant none \
            --stacks ${STACKS16:-plain,medcot,unsloth} --steps 10 --warmup 2 --timeout 200 --out $OUT/train_bf16.json ;;
+  multi4) run multi4 python3 bench/multi_gpu.py --model $MODEL --data $DATA --runs ${RUNS:-1:none,2:ddp,2:fsdp} \
+           --steps 12 --warmup 3 --timeout 300 --out $OUT/multi_gpu_4bit.json train.optimizer=adamw ;;
+  multi16) run multi16 python3 bench/multi_gpu.py --model $MODEL --data $DATA --runs ${RUNS:-1:none,2:ddp,2:fsdp} \
+           --steps 12 --warmup 3 --timeout 300 --out $OUT/multi_gpu_bf16.json train.optimizer=adamw model.quantization=none ;;
+  pretrain) run pretrain_r1_8b timeout 300 python3 -m medcot train --config configs/r1-distill-llama-8b.yaml --stage pretrain \
+           model.name_or_path=$MODEL pretrain.block_size=2048 pretrain.max_steps=12 pretrain.val_docs=16 \
+           train.report_to=none train.output_dir=$OUT/runs train.run_name=pretrain-8b-random
+         cp $OUT/runs/pretrain-8b-random/pretrain/{manifest.json,metrics.jsonl,report.md} $OUT/ 2>/dev/null
+         for f in manifest.json metrics.jsonl report.md; do mv $OUT/$f $OUT/pretrain_$f 2>/dev/null; done; rm -rf $OUT/runs ;;
   evalbench) run evalbench python3 bench/eval_throughput.py --model $MODEL --dtype bf16 --source embedded \
            --num-prompts 16 --max-new-tokens 64 --batch-sizes 1,16 --fixed-length --out $OUT/eval_throughput.json ;;
   doctor) [ -f medcot/doctor.py ] && python3 -m medcot doctor --config configs/r1-distill-llama-8b.yaml > $OUT/doctor_gpu.txt 2>&1; cat $OUT/doctor_gpu.txt ;;

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from . import distributed, report
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomic, write_dir_atomic
 from .collate import count_loss_tokens, micro_batches, pack_collate, pad_collate, rows_for_step
-from .config import Config, load_config
+from .config import Config, ConfigError, load_config
 from .data import load_records, split_records
 from .eval.run import evaluate_for_train
 from .fast import apply_fused_kernels, fast_path_enabled, limit_checkpointing, use_packed_attention
@@ -236,6 +236,9 @@ class Trainer:
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_total = sum(p.numel() for p in model.parameters())
         on_log(f"model: {device}, trainable {n_trainable:,} of {n_total:,} parameters")
+        if world.strategy == "fsdp" and t.optimizer == "adamw_8bit":
+            raise ConfigError("train.optimizer=adamw_8bit cannot update FSDP-sharded (DTensor) weights; use "
+                              "train.optimizer=adamw: FSDP already shards the optimizer state across GPUs")
         engine = distributed.wrap(model, world)
         dtype = str(next(p for p in model.parameters() if not p.requires_grad).dtype).removeprefix("torch.")
         return cls(model=model, engine=engine, cfg=cfg, world=world, run_root=run_root, device=device, packing=packing,
