@@ -57,9 +57,9 @@ def shutdown(world: World) -> None:
 def wrap(model, world: World):
     """The module to run forward/backward through: DDP around the model, or the model sharded in place."""
     if world.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
 
         device = next(model.parameters()).device
         # Buffers (rotary frequencies) are identical everywhere; syncing them each forward is waste.

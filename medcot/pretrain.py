@@ -24,7 +24,7 @@ from .config import Config
 from .corpus import PackStats, iter_documents, pack_blocks, split_documents
 from .distributed import World
 from .model import load_base
-from .train import TrainResult, Trainer, finished, mark_finished, peak_mem_gib, validation_loss
+from .train import Trainer, TrainResult, finished, mark_finished, validation_loss
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +80,8 @@ def pretrain(cfg: Config, stage_dir: Path, world: World, on_log: Callable[[str],
     loss_after = validation_loss(run.model, val_blocks, pad_id, t.per_device_batch_size, run.autocast)
     on_log(f"after: held-out loss {loss_after:.4f} (perplexity {math.exp(loss_after):.2f}; "
            f"before {math.exp(state['val_loss_before']):.2f})")
-    result = TrainResult(
-        run_dir=stage_dir,
-        steps=p.max_steps,
-        val_loss_before=state["val_loss_before"],
-        val_loss_after=loss_after,
-        wall_s=state.get("wall_s", 0.0) + time.time() - t_start,
-        tokens_per_s=state["tokens_seen"] / state["fit_time"] if state["fit_time"] else 0.0,
-        peak_mem_gib=peak_mem_gib(run.device),
-    )
+    result = run.result(stage_dir, p.max_steps, state, t_start, loss_after)
     if world.main:
-        run.tracker_summary({"val_loss_before": result.val_loss_before, "val_loss_after": result.val_loss_after})
         report.write_pretrain_report(stage_dir, cfg, result, source=docs.source, stats=stats,
                                      n_blocks=len(blocks), n_val_docs=len(val_docs), n_val_blocks=len(val_blocks),
                                      model_info=model_info, n_trainable=run.n_trainable, world_size=world.size)

@@ -31,10 +31,10 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, wri
 from .collate import count_loss_tokens, micro_batches, pack_collate, pad_collate, rows_for_step
 from .config import Config, ConfigError, load_config
 from .data import load_records, split_records
+from .distributed import World
 from .eval.run import evaluate_for_train
 from .fast import apply_fused_kernels, fast_path_enabled, limit_checkpointing, use_packed_attention
-from .generate import generate, split_reasoning
-from .distributed import World
+from .generate import generate
 from .model import attach_lora, load_base, merge_adapter, resolve_device
 from .prompts import Encoded, PromptFormatter, encode_records
 from .tracking import Tracker
@@ -169,21 +169,9 @@ def sft(cfg: Config, run_dir: Path, world: World, on_log: Callable[[str], None] 
     answers_after = _answer(run.model, tokenizer, formatter, sample_q, cfg)
     eval_after = evaluate_for_train(run.model, tokenizer, cfg)
     on_log(f"after: validation loss {val_loss_after:.4f} (before {state['val_loss_before']:.4f})")
-    result = TrainResult(
-        run_dir=run_dir,
-        steps=t.max_steps,
-        val_loss_before=state["val_loss_before"],
-        val_loss_after=val_loss_after,
-        answers_before=state["answers_before"],
-        answers_after=answers_after,
-        eval_before=state.get("eval_before", {}),
-        eval_after=eval_after,
-        wall_s=state.get("wall_s", 0.0) + time.time() - t_start,
-        tokens_per_s=state["tokens_seen"] / state["fit_time"] if state["fit_time"] else 0.0,
-        peak_mem_gib=peak_mem_gib(run.device),
-    )
+    result = run.result(run_dir, t.max_steps, state, t_start, val_loss_after, answers_before=state["answers_before"],
+                        answers_after=answers_after, eval_before=state.get("eval_before", {}), eval_after=eval_after)
     if world.main:
-        run.tracker_summary({"val_loss_before": result.val_loss_before, "val_loss_after": result.val_loss_after})
         report.write_run_report(
             run_dir, cfg, result,
             questions=[r.question for r in sample_q],
@@ -335,10 +323,22 @@ class Trainer:
                 tokenizer.save_pretrained(tmp)
         distributed.barrier(self.world)  # the next stage reads it
 
-    def tracker_summary(self, values: dict) -> None:
+    def result(self, run_dir: Path, steps: int, state: dict, t_start: float, val_loss_after: float, **extra) -> TrainResult:
+        """The stage's result from the fit state; closes the tracker with the before/after summary."""
+        result = TrainResult(
+            run_dir=run_dir,
+            steps=steps,
+            val_loss_before=state["val_loss_before"],
+            val_loss_after=val_loss_after,
+            wall_s=state.get("wall_s", 0.0) + time.time() - t_start,
+            tokens_per_s=state["tokens_seen"] / state["fit_time"] if state["fit_time"] else 0.0,
+            peak_mem_gib=peak_mem_gib(self.device),
+            **extra,
+        )
         if self._tracker is not None:
-            self._tracker.summary(values)
+            self._tracker.summary({"val_loss_before": result.val_loss_before, "val_loss_after": result.val_loss_after})
         self._close()
+        return result
 
     def _close(self) -> None:
         if self._tracker is not None:
