@@ -90,7 +90,14 @@ def _shard(peft_model) -> None:
     # Frozen 16-bit base + fp32 adapters: all-gather in the compute dtype, reduce gradients in fp32.
     compute = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16 if torch.float16 in dtypes else None
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
-    kw: dict[str, Any] = {"mp_policy": mp, "ignored_params": ignored or None}
+    kw: dict[str, Any] = {"mp_policy": mp}
+    if ignored:
+        import inspect
+
+        if "ignored_params" not in inspect.signature(fully_shard).parameters:
+            raise RuntimeError(f"QLoRA with train.distributed=fsdp needs fully_shard(ignored_params=...), which torch "
+                               f"{torch.__version__} lacks; upgrade torch or use train.distributed=ddp")
+        kw["ignored_params"] = ignored
     for layer in root.model.layers:
         fully_shard(layer, **kw)
     fully_shard(root, **kw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ def resolve_device(args: ModelArgs) -> torch.device:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelSetupError(f"model.device={args.device!r} but no CUDA GPU is visible; use model.device=cpu")
     if args.device in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())  # under a launcher: this process's GPU
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # under a launcher: this process's GPU
     return torch.device("cpu" if args.device == "auto" else args.device)
 
 

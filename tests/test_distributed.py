@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,12 @@ def _torchrun(argv: list[str], tmp_path: Path, nproc: int = 2) -> subprocess.Com
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _losses(run: Path) -> list[float]:
@@ -137,3 +144,18 @@ def test_rows_per_step_must_divide_among_processes(monkeypatch):
         load_config(None, ["train.per_device_batch_size=2", "train.gradient_accumulation_steps=4"])
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert load_config(None, ["train.per_device_batch_size=2", "train.gradient_accumulation_steps=4"])
+
+
+def test_accelerate_launch_runs_it_too(tmp_path, tiny_train_argv, one_process):
+    """`accelerate launch` sets the same torch.distributed variables as torchrun: same run, same result."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "medcot", *tiny_train_argv(tmp_path, "acc", *STEPS)]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    assert "distributed: 2 processes, ddp" in out.stdout + out.stderr
+    assert _losses(tmp_path / "acc") == pytest.approx(_losses(one_process), abs=1e-4)
