@@ -7,7 +7,9 @@ per step, LoRA r=16 alpha=16 on all 7 projections, 8-bit AdamW, lr 2e-4, max_seq
   plain    transformers + PEFT + TRL SFTTrainer defaults (batches padded to the longest row,
            HF gradient checkpointing, SDPA, bitsandbytes 4-bit where --quant 4bit)
   medcot   medcot's training step with its fast path (padding-free packing, Liger kernels,
-           train.checkpoint_ratio) on the same model loading code as `medcot train`
+           train.checkpoint_ratio) on the same model loading code as `medcot train`;
+           variants medcot-offload (train.offload_activations) and medcot[-offload]-mbt<N>
+           (train.micro_batch_tokens=N)
   unsloth  Unsloth FastLanguageModel + TRL SFTTrainer, as its notebooks do (when importable)
 
 Each stack runs in its own process (clean GPU memory). Reported per stack: real (non-padding)
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -107,21 +110,27 @@ def run_medcot(args, tok, rows):
     import torch
 
     from medcot.config import LoraArgs, ModelArgs, TrainArgs
-    from medcot.fast import apply_fused_kernels, limit_checkpointing, use_packed_attention
+    from medcot.fast import apply_fused_kernels, limit_checkpointing, offload_checkpointing, use_packed_attention
     from medcot.model import attach_lora, load_base
     from medcot.train import train_step
 
-    fast = args.stack == "medcot"
+    # Variants: medcot[-offload][-mbt<N>] (host-offloaded checkpointing, micro-batch token budget N).
+    fast = args.stack != "medcot-plain"
+    offload = "-offload" in args.stack
+    if m := re.search(r"-mbt(\d+)", args.stack):
+        args.micro_batch_tokens = int(m.group(1))
     margs = ModelArgs(name_or_path=args.model, quantization=args.quant, dtype="bf16" if args.device == "cuda" else "fp32",
                       device=args.device)
     model, _, _ = load_base(margs)
     device = next(model.parameters()).device
     kernels = apply_fused_kernels(model, device) if fast else []
     ckpt = not (fast and args.no_checkpointing)
-    if fast and not ckpt:
+    if fast:
         use_packed_attention(model)  # the same rule as medcot/train.py
     model = attach_lora(model, LoraArgs(r=16, alpha=16, dropout=0.0, target_modules=TARGETS), gradient_checkpointing=ckpt)
     n_ckpt = limit_checkpointing(model, args.checkpoint_ratio) if ckpt and fast else None
+    if offload:
+        offload_checkpointing(model)
     t = TrainArgs(per_device_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
                   micro_batch_tokens=args.micro_batch_tokens)
     dtype = torch.bfloat16
@@ -130,6 +139,9 @@ def run_medcot(args, tok, rows):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(params, args)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
+    # Training mode, as medcot.train's loop sets it: transformers recomputes checkpointed layers only in
+    # training mode (from_pretrained returns the model in eval mode; without this no layer recomputes).
+    model.train()
     _reset_mem()
     times, tokens, losses = [], [], []
     for s in range(args.steps):
@@ -145,7 +157,8 @@ def run_medcot(args, tok, rows):
         tokens.append(sum(len(r.input_ids) for r in step_rows))
         losses.append(loss)
         print(f"[{args.stack}] step {s + 1}: {times[-1]:.3f}s {tokens[-1]} tokens loss {loss:.4f}", flush=True)
-    extra = {"kernels": kernels, "packing": fast, "checkpointed_layers": n_ckpt, "micro_batch_tokens": args.micro_batch_tokens}
+    extra = {"kernels": kernels, "packing": fast, "checkpointed_layers": n_ckpt, "micro_batch_tokens": args.micro_batch_tokens,
+             "offload_activations": offload}
     return times, tokens, losses, fixed_loss, sum(p.numel() for p in model.parameters()), extra
 
 
@@ -230,7 +243,7 @@ def run_sft_trainer(args, tok, rows):
 
 def worker(args) -> None:
     tok, rows, lengths, mean_len = _rows(args)
-    runner = run_medcot if args.stack in ("medcot", "medcot-plain") else run_sft_trainer
+    runner = run_medcot if args.stack.startswith("medcot") else run_sft_trainer
     t0 = time.time()
     times, tokens, losses, fixed_loss, n_params, extra = runner(args, tok, rows)
     measured = slice(args.warmup, None)
@@ -293,14 +306,14 @@ def main() -> None:
             results.append({"stack": stack, "quant": args.quant, "error": f"timed out after {args.timeout}s"})
         print(json.dumps(results[-1])[:3000], flush=True)
     base = next((r for r in results if r["stack"] == "plain" and "error" not in r), None)
-    print(f"\n{'stack':<14}{'quant':<7}{'real tok/s':>12}{'vs plain':>10}{'step s':>9}{'alloc GiB':>11}"
+    print(f"\n{'stack':<24}{'quant':<7}{'real tok/s':>12}{'vs plain':>10}{'step s':>9}{'alloc GiB':>11}"
           f"{'resv GiB':>10}{'fixed loss':>12}{'MFU':>7}{'epoch h':>9}")
     for r in results:
         if "error" in r:
-            print(f"{r['stack']:<14}{r['quant']:<7}  ERROR: {r['error'].splitlines()[-1] if r['error'] else '?'}")
+            print(f"{r['stack']:<24}{r['quant']:<7}  ERROR: {r['error'].splitlines()[-1] if r['error'] else '?'}")
             continue
         ratio = f"{r['real_tokens_per_s'] / base['real_tokens_per_s']:.2f}x" if base else "-"
-        print(f"{r['stack']:<14}{r['quant']:<7}{r['real_tokens_per_s']:>12,.0f}{ratio:>10}{r['step_time_median_s']:>9.3f}"
+        print(f"{r['stack']:<24}{r['quant']:<7}{r['real_tokens_per_s']:>12,.0f}{ratio:>10}{r['step_time_median_s']:>9.3f}"
               f"{r['peak_allocated_gib']:>11.2f}{r['peak_reserved_gib']:>10.2f}{r['fixed_batch_loss']:>12.4f}"
               f"{(r['mfu'] or 0):>7.2f}{r['epoch_hours']:>9.2f}")
     if args.out:

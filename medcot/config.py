@@ -161,6 +161,11 @@ class TrainArgs:
         "activations). Lower is faster and uses more memory.",
         1.0,
     )
+    offload_activations: bool = _help(
+        "With gradient_checkpointing: keep each recomputed layer's input in pinned host memory instead of on the "
+        "GPU (the low-memory setting; costs a host round trip per layer, mostly overlapped).",
+        False,
+    )
     fast_path: Literal["auto", "on", "off"] = _help(
         "Padding-free packing + fused Liger kernels (RMSNorm, RoPE, SwiGLU, linear+cross-entropy without "
         "materialised logits). 'auto': on for CUDA. Same rows per step and same loss normalisation as 'off'.",

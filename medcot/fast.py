@@ -131,3 +131,53 @@ def limit_checkpointing(model, ratio: float) -> int:
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i < n_ckpt
     return n_ckpt
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    """Activation checkpointing whose only saved tensor, the layer input, waits in host memory.
+
+    Forward runs the decoder layer without grad and copies its input to pinned host memory;
+    backward copies it back, re-runs the layer with grad and back-propagates through it. GPU memory
+    then holds no activation between layers at all (Unsloth's "unsloth" checkpointing does the
+    same), at the cost of one host round trip of the hidden states per layer, which overlaps with
+    compute (non-blocking copies on pinned memory).
+    """
+
+    @staticmethod
+    def forward(ctx, run, hidden, *args):
+        ctx.run, ctx.args, ctx.device = run, args, hidden.device
+        ctx.autocast = torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type)
+        if hidden.device.type == "cuda":
+            ctx.host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+            ctx.host.copy_(hidden.detach(), non_blocking=True)
+        else:
+            ctx.host = hidden.detach().clone()
+        with torch.no_grad():
+            return run(hidden, *args)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden = ctx.host.to(ctx.device, non_blocking=True).requires_grad_(True)
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+            out = ctx.run(hidden, *ctx.args)
+        torch.autograd.backward(out, grad_out)
+        ctx.host = None
+        return (None, hidden.grad, *(None for _ in ctx.args))
+
+
+def _offloaded_checkpoint(run, hidden, *args):
+    return _OffloadedCheckpoint.apply(run, hidden, *args)
+
+
+def offload_checkpointing(model) -> int:
+    """Make every checkpointed decoder layer keep its input in host memory (train.offload_activations).
+
+    Call after `limit_checkpointing`; returns how many layers offload.
+    """
+    n = 0
+    for layer in model.get_decoder().layers:
+        if layer.gradient_checkpointing:
+            layer._gradient_checkpointing_func = _offloaded_checkpoint
+            n += 1
+    return n

@@ -33,7 +33,8 @@ from .config import Config, ConfigError, load_config
 from .data import load_records, split_records
 from .distributed import World
 from .eval.run import evaluate_for_train
-from .fast import apply_fused_kernels, fast_path_enabled, limit_checkpointing, use_packed_attention
+from .fast import (apply_fused_kernels, fast_path_enabled, limit_checkpointing, offload_checkpointing,
+                   use_packed_attention)
 from .generate import generate
 from .model import attach_lora, load_base, merge_adapter, resolve_device
 from .prompts import Encoded, PromptFormatter, encode_records
@@ -211,16 +212,14 @@ class Trainer:
         device = next(model.parameters()).device
         packing = fast_path_enabled(t.fast_path, device)
         kernels = apply_fused_kernels(model, device) if packing else []
-        if packing and not t.gradient_checkpointing:
-            # Varlen flash attention skips all cross-row work, but on the H100/H200 runs in
-            # docs/benchmarks.md activation recompute did not engage around it (peak memory did not move
-            # with train.checkpoint_ratio). With checkpointing on, packed rows use transformers'
-            # block-diagonal SDPA mask instead, which keeps memory bounded.
-            use_packed_attention(model)
+        if packing:
+            use_packed_attention(model)  # attention row by row (varlen): no work across packed rows
         model = attach_lora(model, cfg.lora, t.gradient_checkpointing, **(lora_extra or {}))
         n_ckpt = limit_checkpointing(model, t.checkpoint_ratio) if t.gradient_checkpointing else 0
+        n_off = offload_checkpointing(model) if n_ckpt and t.offload_activations else 0
         on_log(f"fast path: {'on' if packing else 'off'} (packing {'on' if packing else 'off'}, "
-               f"kernels: {', '.join(kernels) or 'none'}); activation recompute in {n_ckpt} layers")
+               f"kernels: {', '.join(kernels) or 'none'}); activation recompute in {n_ckpt} layers"
+               + (f", their inputs kept in host memory in {n_off}" if n_off else ""))
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_total = sum(p.numel() for p in model.parameters())
         on_log(f"model: {device}, trainable {n_trainable:,} of {n_total:,} parameters")

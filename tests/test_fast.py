@@ -11,7 +11,7 @@ import torch
 
 from medcot.collate import count_loss_tokens, micro_batches, pack_collate
 from medcot.config import LoraArgs, TrainArgs
-from medcot.fast import use_packed_attention
+from medcot.fast import offload_checkpointing, use_packed_attention
 from medcot.model import attach_lora
 from medcot.prompts import IGNORE_INDEX, Encoded
 from medcot.train import train_step
@@ -86,6 +86,35 @@ def test_packed_step_matches_padded_step_loss_and_lora_grads(tiny_model_dir):
     assert g_pad.keys() == g_pack.keys() and len(g_pad) > 0
     for n in g_pad:
         torch.testing.assert_close(g_pack[n], g_pad[n], rtol=1e-4, atol=1e-6, msg=f"gradient of {n} differs")
+
+
+def test_offloaded_checkpointing_gives_the_same_loss_and_lora_grads(tiny_model_dir, monkeypatch):
+    """Host-offloaded recompute (train.offload_activations) is the plain backward, reordered."""
+    from transformers.models.llama import modeling_llama
+
+    calls = []
+    mlp_forward = modeling_llama.LlamaMLP.forward
+    # Counted in the method, not with a module hook: transformers' recompute does not run module hooks.
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", lambda self, x: calls.append(1) or mlp_forward(self, x))
+    t = TrainArgs(per_device_batch_size=2)
+    rows = _rows(6, 1000)
+    results = {}
+    for mode in ("none", "checkpoint", "offload"):
+        model = attach_lora(_model(tiny_model_dir), LoraArgs(r=8, alpha=16), gradient_checkpointing=mode != "none")
+        if mode == "offload":
+            assert offload_checkpointing(model) == len(model.get_decoder().layers)
+        _perturb_lora_b(model)
+        model.train()
+        calls.clear()
+        loss = train_step(model, rows, t, pad_id=0, packing=False, autocast=torch.autocast("cpu", enabled=False))
+        results[mode] = (loss, _lora_grads(model), len(calls))
+    n_layers, n_micro = 2, 3
+    assert results["none"][2] == n_layers * n_micro
+    assert results["checkpoint"][2] == results["offload"][2] == 2 * n_layers * n_micro  # every layer ran again
+    for mode in ("checkpoint", "offload"):
+        assert abs(results[mode][0] - results["none"][0]) < 1e-6
+        for n, g in results["none"][1].items():
+            torch.testing.assert_close(results[mode][1][n], g, rtol=1e-5, atol=1e-7, msg=f"{mode}: gradient of {n}")
 
 
 @pytest.mark.gpu
