@@ -7,7 +7,7 @@
 2. Liger Kernel's fused Triton kernels for HF Llama: RMSNorm, RoPE, SwiGLU, and a fused
    linear + cross-entropy that never materialises the (tokens × 128k vocabulary) fp32 logits.
 3. Selective activation checkpointing (train.checkpoint_ratio): recompute only as many layers as
-   memory requires.
+   memory requires; with train.offload_activations the recomputed layers' inputs wait in host memory.
 
 Numerics are the same as the plain path within bf16 tolerance (tests/test_fast.py): the same rows
 per step, the loss normalised by the same count of response tokens.

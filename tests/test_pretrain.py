@@ -80,7 +80,9 @@ def both_run(tmp_path_factory, tiny_train_argv) -> dict:
     A high pre-training rate so the merged adapter moves the base clearly (3 steps of a random model).
     """
     out = tmp_path_factory.mktemp("pretrain-sft")
-    common = [*PRE, "pretrain.max_steps=3", "pretrain.learning_rate=2.0e-2"]
+    common = [*PRE, "pretrain.max_steps=3", "pretrain.learning_rate=2.0e-2",
+              # two items per benchmark, a few tokens each: the comparison's eval rows, in seconds
+              "eval.train_eval_limit=2", "eval.thinking_budget=4", "eval.answer_tokens=4"]
     argv = tiny_train_argv(out, "both", *common, "--stage", "pretrain+sft")
     stdout = _run(argv)
     sft_stdout = _run(tiny_train_argv(out, "sft-only", *common, "--stage", "sft"))
@@ -198,6 +200,12 @@ def test_report_compares_with_and_without_pretraining(both_run):
     assert f"| after pre-training | {with_pre['val_loss_before']:.4f} | {with_pre['val_loss_after']:.4f} |" in section
     assert (f"| from the base model | {without_pre['val_loss_before']:.4f} | {without_pre['val_loss_after']:.4f} |"
             in section)
+    # Eval scores of both SFT runs, benchmark by benchmark, from their results.
+    assert with_pre["eval_after"] and with_pre["eval_after"].keys() == without_pre["eval_after"].keys()
+    for name, score in with_pre["eval_after"].items():
+        other = without_pre["eval_after"][name]
+        assert (f"| {name} | {score['accuracy']:.1%} (n={score['n']}) | {other['accuracy']:.1%} (n={other['n']}) |"
+                in section)
     # The SFT stage's own report comes first, unchanged in form.
     assert report.index("## Validation loss") < report.index("## Did continued pre-training help?")
     assert "## Did continued pre-training help?" not in (run / "without-pretrain" / "report.md").read_text()
