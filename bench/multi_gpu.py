@@ -25,10 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 def run_one(nproc: int, strategy: str, weak: bool, args, workdir: Path) -> dict:
     name = f"gpus{nproc}-{strategy}" + ("-weak" if weak else "")
     # Strong scaling (default): the N processes share the recipe's step (same rows per step as 1 GPU).
-    # Weak scaling: every GPU keeps the recipe's own per-device work (batch x accumulation), so a step
-    # trains N times the rows, as a Trainer with per-device settings does.
-    accum = args.accumulation * (nproc if weak else 1)
-    overrides = [f"train.gradient_accumulation_steps={accum}",
+    # Weak scaling (train.scale_batch=true): every GPU keeps the recipe's own per-device work (batch x
+    # accumulation), so a step trains N times the rows, as a Trainer with per-device settings does.
+    accum = args.accumulation
+    overrides = [f"train.gradient_accumulation_steps={accum}", f"train.scale_batch={'true' if weak else 'false'}",
         f"model.name_or_path={args.model}", f"data.source={args.data}", f"data.question_column={args.question_column}",
         f"data.reasoning_column={args.reasoning_column}", f"data.answer_column={args.answer_column}",
         f"train.per_device_batch_size={args.batch}", f"train.max_steps={args.steps}", "train.save_steps=0", "train.report_to=none", "train.sample_questions=0",
@@ -48,7 +48,7 @@ def run_one(nproc: int, strategy: str, weak: bool, args, workdir: Path) -> dict:
     timed = [m for m in metrics if m["step"] > args.warmup]
     tokens = sum(m["tokens_per_s"] * m["step_time_s"] for m in timed)
     seconds = sum(m["step_time_s"] for m in timed)
-    return {"gpus": nproc, "strategy": strategy, "weak": weak, "rows_per_step": accum * args.batch, "tokens_per_s": tokens / seconds, "step_time_s": seconds / len(timed),
+    return {"gpus": nproc, "strategy": strategy, "weak": weak, "rows_per_step": accum * args.batch * (nproc if weak else 1), "tokens_per_s": tokens / seconds, "step_time_s": seconds / len(timed),
             "peak_mem_gib_rank0": max(m["mem_gib"] for m in metrics), "final_loss": metrics[-1]["loss"],
             "steps_timed": len(timed), "wall_s": wall}
 

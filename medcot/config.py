@@ -181,6 +181,13 @@ class TrainArgs:
         "gradient_accumulation_steps rows per step whatever it is.",
         "ddp",
     )
+    scale_batch: bool = _help(
+        "Under several processes: false keeps the recipe's step (per_device_batch_size x gradient_accumulation_steps "
+        "rows, shared among the processes: the same optimization on any GPU count, exact resume across counts); "
+        "true gives every process that many rows (HF Trainer's convention: N times the rows per step, near-N-times "
+        "the throughput).",
+        False,
+    )
     logging_steps: int = _help("Log a metrics line every N optimizer steps.", 1)
     save_steps: int = _help("Write a resumable checkpoint every N optimizer steps (0: only at the end).", 20)
     report_to: Literal["auto", "wandb", "tensorboard", "none"] = _help(
@@ -450,11 +457,12 @@ def _validate_world(t: TrainArgs, errors: list[str]) -> None:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rows = t.per_device_batch_size * t.gradient_accumulation_steps
-    if world > 1 and rows % world:
+    if world > 1 and rows % world and not t.scale_batch:
         errors.append(
             f"train.gradient_accumulation_steps: {world} processes share each step's per_device_batch_size x "
             f"gradient_accumulation_steps = {rows} rows, which must divide evenly; e.g. "
-            f"train.gradient_accumulation_steps={max(world, t.gradient_accumulation_steps // world * world)}"
+            f"train.gradient_accumulation_steps={max(world, t.gradient_accumulation_steps // world * world)}, or "
+            "train.scale_batch=true"
         )
 
 

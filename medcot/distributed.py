@@ -120,6 +120,11 @@ def accumulating(engine, world: World, sync: bool) -> Iterator[None]:
     yield
 
 
+def rows_per_step(t, world: World) -> int:
+    """Rows one optimizer step trains on, over all processes (train.scale_batch decides)."""
+    return t.per_device_batch_size * t.gradient_accumulation_steps * (world.size if t.scale_batch else 1)
+
+
 def shard_rows(rows: list[Encoded], world: World) -> list[Encoded]:
     """This rank's share of a step's rows: equal row counts, tokens balanced.
 

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from . import report
+from . import distributed, report
 from .config import Config
 from .corpus import PackStats, iter_documents, pack_blocks, split_documents
 from .distributed import World
@@ -53,7 +53,7 @@ def pretrain(cfg: Config, stage_dir: Path, world: World, on_log: Callable[[str],
         raise ValueError(f"pretrain.val_docs={p.val_docs} documents hold less than one block of "
                          f"pretrain.block_size={p.block_size} tokens; raise val_docs or lower block_size")
     stats = PackStats()
-    rows_per_step = t.per_device_batch_size * t.gradient_accumulation_steps
+    rows_per_step = distributed.rows_per_step(t, world)
     # A stream is read only as far as the steps will train on; a file corpus is packed whole and
     # shuffled epoch by epoch like SFT rows.
     limit = p.max_steps * rows_per_step if p.streaming else None

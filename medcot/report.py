@@ -91,6 +91,12 @@ def plot_loss(run_dir: Path) -> Path | None:
     return path
 
 
+def _rows_per_step(cfg, world_size: int) -> int:
+    from .distributed import World, rows_per_step
+
+    return rows_per_step(cfg.train, World(size=world_size))
+
+
 def _quote(text: str) -> str:
     return "\n".join("> " + line if line else ">" for line in text.strip().splitlines()) or "> (empty)"
 
@@ -135,7 +141,7 @@ def write_run_report(run_dir: Path, cfg, result, *, questions, references, lengt
         f"- LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha} on {', '.join(cfg.lora.target_modules)}: "
         f"{n_trainable:,} trainable parameters",
         f"- Data: `{data_source}`; {lengths.summary()}",
-        f"- {result.steps} steps × {cfg.train.per_device_batch_size * cfg.train.gradient_accumulation_steps} rows, "
+        f"- {result.steps} steps × {_rows_per_step(cfg, world_size)} rows, "
         f"lr {cfg.train.learning_rate:g}, wall time {result.wall_s:.0f} s, {result.tokens_per_s:,.0f} tokens/s, "
         f"peak memory {result.peak_mem_gib:.2f} GiB" + (f" per process, {world_size} processes" if world_size > 1 else ""),
         "",
@@ -223,7 +229,7 @@ def write_pretrain_report(stage_dir: Path, cfg, result, *, source, stats, n_bloc
         f"{p.block_size} (documents never attend to each other); {n_val_docs} documents held out",
         f"- LoRA r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}"
         + (" + full embed_tokens and lm_head" if p.train_embeddings else "") + f": {n_trainable:,} trainable parameters",
-        f"- {result.steps} steps × {cfg.train.per_device_batch_size * cfg.train.gradient_accumulation_steps} blocks, "
+        f"- {result.steps} steps × {_rows_per_step(cfg, world_size)} blocks, "
         f"lr {p.learning_rate:g}, wall time {result.wall_s:.0f} s, {result.tokens_per_s:,.0f} tokens/s, "
         f"peak memory {result.peak_mem_gib:.2f} GiB",
         "",

@@ -33,8 +33,7 @@ from .config import Config, ConfigError, load_config
 from .data import load_records, split_records
 from .distributed import World
 from .eval.run import evaluate_for_train
-from .fast import (apply_fused_kernels, fast_path_enabled, limit_checkpointing, offload_checkpointing,
-                   use_packed_attention)
+from .fast import apply_fused_kernels, fast_path_enabled, limit_checkpointing, offload_checkpointing, use_packed_attention
 from .generate import generate
 from .model import attach_lora, load_base, merge_adapter, resolve_device
 from .prompts import Encoded, PromptFormatter, encode_records
@@ -83,7 +82,8 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, on_log: C
             on_log = _silent
         if world.size > 1:
             on_log(f"distributed: {world.size} processes, {world.strategy}; each step's "
-                   f"{cfg.train.per_device_batch_size * cfg.train.gradient_accumulation_steps} rows are shared among them")
+                   f"{distributed.rows_per_step(cfg.train, world)} rows are shared among them"
+                   + ("" if cfg.train.scale_batch else " (train.scale_batch=true gives each process a full step)"))
         if cfg.train.stage == "sft":
             return sft(cfg, run_dir, world, on_log)
         from .pretrain import pretrain
@@ -258,7 +258,7 @@ class Trainer:
             self.tracker_backend = self._tracker.backend
 
         stop = _StopFlag()
-        rows_per_step = t.per_device_batch_size * t.gradient_accumulation_steps
+        rows_per_step = distributed.rows_per_step(t, world)
         state.setdefault("tokens_seen", 0)
         state.setdefault("fit_time", 0.0)
         wall_before, t_start = state.get("wall_s", 0.0), time.time()

@@ -144,6 +144,8 @@ def test_rows_per_step_must_divide_among_processes(monkeypatch):
         load_config(None, ["train.per_device_batch_size=2", "train.gradient_accumulation_steps=4"])
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert load_config(None, ["train.per_device_batch_size=2", "train.gradient_accumulation_steps=4"])
+    monkeypatch.setenv("WORLD_SIZE", "3")  # every process trains its own full step: nothing to divide
+    assert load_config(None, ["train.gradient_accumulation_steps=4", "train.scale_batch=true"]).train.scale_batch
 
 
 def test_accelerate_launch_runs_it_too(tmp_path, tiny_train_argv, one_process):
@@ -159,3 +161,17 @@ def test_accelerate_launch_runs_it_too(tmp_path, tiny_train_argv, one_process):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     assert "distributed: 2 processes, ddp" in out.stdout + out.stderr
     assert _losses(tmp_path / "acc") == pytest.approx(_losses(one_process), abs=1e-4)
+
+
+def test_scale_batch_gives_every_process_a_full_step(tmp_path, tiny_train_argv):
+    """train.scale_batch=true: 2 processes x (2 rows x 2 accumulation) = 8 rows per step, as a 1-process run
+    with 4 accumulation steps trains (same rows, same order, same loss normalisation)."""
+    steps = ["train.max_steps=2", "train.save_steps=0"]
+    assert main(tiny_train_argv(tmp_path, "one8", *steps, "train.gradient_accumulation_steps=4")) == 0
+    out = _torchrun(tiny_train_argv(tmp_path, "two8", *steps, "train.gradient_accumulation_steps=2",
+                                    "train.scale_batch=true"), tmp_path)
+    assert "each step's 8 rows are shared" in out.stdout + out.stderr
+    assert _losses(tmp_path / "two8") == pytest.approx(_losses(tmp_path / "one8"), abs=1e-4)
+    ref, got = _adapter(tmp_path / "one8"), _adapter(tmp_path / "two8")
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4)
