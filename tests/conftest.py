@@ -3,7 +3,6 @@ embedded tokenizer for fast tests, and the paths of the shared data."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
