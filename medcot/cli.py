@@ -137,7 +137,7 @@ def cmd_train(args) -> int:
     print("=" * 72)
     print(f"Run folder        {result.run_dir}")
     print(f"Steps             {result.steps}")
-    if cfg is not None and cfg.train.stage == "pretrain":
+    if cfg.train.stage == "pretrain":
         print(f"Held-out text     perplexity {math.exp(result.val_loss_before):.2f} -> {math.exp(result.val_loss_after):.2f}")
     else:
         print(f"Validation loss   {result.val_loss_before:.4f} -> {result.val_loss_after:.4f}")

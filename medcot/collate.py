@@ -60,12 +60,10 @@ def pack_collate(rows: list[Encoded]) -> dict[str, torch.Tensor]:
     """
     input_ids, labels, positions, bounds = [], [], [], [0]
     for r in rows:
-        start = 0
-        for n in r.doc_lens or (len(r.input_ids),):
-            bounds.append(bounds[-1] + n)
-            labels += [IGNORE_INDEX] + r.labels[start + 1 : start + n]
-            positions += range(n)
-            start += n
+        for start, end in _documents(r):
+            bounds.append(bounds[-1] + end - start)
+            labels += [IGNORE_INDEX] + r.labels[start + 1 : end]
+            positions += range(end - start)
         input_ids += r.input_ids
     as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
     # row_bounds stays a Python list: fast.use_packed_attention slices at these offsets, no GPU sync.
@@ -95,10 +93,13 @@ def micro_batches(rows: list[Encoded], batch_size: int, packing: bool, max_token
 
 def count_loss_tokens(rows: list[Encoded]) -> int:
     """Tokens that carry loss: labels are shifted by one inside the model, so each document's first never counts."""
-    n = 0
-    for r in rows:
-        start = 0
-        for length in r.doc_lens or (len(r.input_ids),):
-            n += sum(1 for t in r.labels[start + 1 : start + length] if t != IGNORE_INDEX)
-            start += length
-    return n
+    return sum(sum(1 for t in r.labels[start + 1 : end] if t != IGNORE_INDEX) for r in rows for start, end in _documents(r))
+
+
+def _documents(r: Encoded) -> list[tuple[int, int]]:
+    """(start, end) of each document in a row: the row itself, or each of a pre-training block's doc_lens."""
+    spans, start = [], 0
+    for n in r.doc_lens or (len(r.input_ids),):
+        spans.append((start, start + n))
+        start += n
+    return spans

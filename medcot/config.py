@@ -456,6 +456,9 @@ def _validate_world(t: TrainArgs, errors: list[str]) -> None:
     import os
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and t.distributed == "fsdp" and t.optimizer == "adamw_8bit":
+        errors.append("train.optimizer: adamw_8bit cannot update FSDP-sharded (DTensor) weights; use "
+                      "train.optimizer=adamw: FSDP already shards the optimizer state across GPUs")
     rows = t.per_device_batch_size * t.gradient_accumulation_steps
     if world > 1 and rows % world and not t.scale_batch:
         errors.append(

@@ -125,18 +125,20 @@ def rows_per_step(t, world: World) -> int:
     return t.per_device_batch_size * t.gradient_accumulation_steps * (world.size if t.scale_batch else 1)
 
 
-def shard_rows(rows: list[Encoded], world: World) -> list[Encoded]:
-    """This rank's share of a step's rows: equal row counts, tokens balanced.
+def deal_rows(rows: list[Encoded], size: int) -> list[list[Encoded]]:
+    """Every rank's share of a step's rows (index = rank): equal row counts, tokens balanced.
 
     Rows are dealt longest first in snake order (0, 1, 1, 0, 0, 1, ...), so every rank does about
     the same work and the slowest GPU does not set the pace. Deterministic: every rank computes the
-    same deal and takes its own hand.
+    same deal and takes its own hand; within a hand the step's order is kept.
     """
-    if world.size == 1:
-        return rows
+    if size == 1:
+        return [rows]
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].input_ids), i))
-    mine = [i for k, i in enumerate(order) if _snake(k, world.size) == world.rank]
-    return [rows[i] for i in sorted(mine)]
+    hands: list[list[int]] = [[] for _ in range(size)]
+    for k, i in enumerate(order):
+        hands[_snake(k, size)].append(i)
+    return [[rows[i] for i in sorted(hand)] for hand in hands]
 
 
 def _snake(k: int, n: int) -> int:
@@ -144,14 +146,14 @@ def _snake(k: int, n: int) -> int:
     return pos if turn % 2 == 0 else n - 1 - pos
 
 
-def equal_groups(groups: list[list[Encoded]], world: World, all_counts: list[int]) -> list[list[Encoded]]:
+def equal_groups(groups: list[list[Encoded]], all_counts: list[int]) -> list[list[Encoded]]:
     """Split this rank's micro-batches until every rank has as many as the rank with most.
 
     FSDP all-gathers weights inside every forward and backward, so all ranks must run the same
     number of them; with packing, the token budget can give ranks different counts.
     """
     target = max(all_counts)
-    groups = [g for g in groups]
+    groups = list(groups)
     while len(groups) < target:
         i = max(range(len(groups)), key=lambda j: len(groups[j]))
         if len(groups[i]) < 2:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from . import distributed, report
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomic, write_dir_atomic
 from .collate import count_loss_tokens, micro_batches, pack_collate, pad_collate, rows_for_step
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
 from .data import load_records, split_records
 from .distributed import World
 from .eval.run import evaluate_for_train
@@ -223,9 +223,6 @@ class Trainer:
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_total = sum(p.numel() for p in model.parameters())
         on_log(f"model: {device}, trainable {n_trainable:,} of {n_total:,} parameters")
-        if world.strategy == "fsdp" and t.optimizer == "adamw_8bit":
-            raise ConfigError("train.optimizer=adamw_8bit cannot update FSDP-sharded (DTensor) weights; use "
-                              "train.optimizer=adamw: FSDP already shards the optimizer state across GPUs")
         engine = distributed.wrap(model, world)
         dtype = str(next(p for p in model.parameters() if not p.requires_grad).dtype).removeprefix("torch.")
         return cls(model=model, engine=engine, cfg=cfg, world=world, run_root=run_root, device=device, packing=packing,
@@ -243,7 +240,7 @@ class Trainer:
             state = load_checkpoint(ckpt, self.engine, optimizer, scheduler)
             start_step = state["step"]
             on_log(f"resumed from {ckpt} at step {start_step}/{max_steps}")
-        if "val_loss_before" not in state and "ppl_before" not in state:
+        if "val_loss_before" not in state:
             state.update(before())
         if world.main:
             # Only now: a setup error (bad data, model, optimizer) must not leave a half-made run folder.
@@ -355,12 +352,10 @@ def train_step(model, rows: list[Encoded], t, pad_id: int, packing: bool, autoca
     """
     device = next(model.parameters()).device
     n_loss_tokens = count_loss_tokens(rows)  # of the whole step: every rank knows all of its rows
-    mine = distributed.shard_rows(rows, world)
-    groups = micro_batches(mine, t.per_device_batch_size, packing, t.micro_batch_tokens)
-    if world.size > 1:  # every rank must run as many forward/backward passes (FSDP gathers in each)
-        counts = [len(micro_batches(distributed.shard_rows(rows, World(rank=r, size=world.size)),
-                                    t.per_device_batch_size, packing, t.micro_batch_tokens)) for r in range(world.size)]
-        groups = distributed.equal_groups(groups, world, counts)
+    per_rank = [micro_batches(hand, t.per_device_batch_size, packing, t.micro_batch_tokens)
+                for hand in distributed.deal_rows(rows, world.size)]
+    # Every rank must run as many forward/backward passes (FSDP gathers weights in each).
+    groups = distributed.equal_groups(per_rank[world.rank], [len(g) for g in per_rank])
     step_loss = torch.zeros((), device=device)
     for i, group in enumerate(groups):
         batch = pack_collate(group) if packing else pad_collate(group, pad_id)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from medcot.cli import main
 from medcot.config import ConfigError, load_config
-from medcot.distributed import World, equal_groups, shard_rows
+from medcot.distributed import deal_rows, equal_groups
 from medcot.prompts import Encoded
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,9 +119,9 @@ def _rows(lengths: list[int]) -> list[Encoded]:
     return [Encoded(input_ids=list(range(n)), labels=list(range(n)), prompt_len=0) for n in lengths]
 
 
-def test_shard_rows_deals_every_row_once_in_equal_counts_with_balanced_tokens():
+def test_deal_rows_deals_every_row_once_in_equal_counts_with_balanced_tokens():
     rows = _rows([900, 100, 850, 120, 800, 150, 700, 90])
-    hands = [shard_rows(rows, World(rank=r, size=2)) for r in range(2)]
+    hands = deal_rows(rows, 2)
     assert sorted(id(r) for h in hands for r in h) == sorted(id(r) for r in rows)
     assert [len(h) for h in hands] == [4, 4]
     tokens = [sum(len(r.input_ids) for r in h) for h in hands]
@@ -132,10 +132,10 @@ def test_shard_rows_deals_every_row_once_in_equal_counts_with_balanced_tokens():
 
 def test_equal_groups_gives_every_rank_as_many_micro_batches():
     rows = _rows([10, 20, 30, 40])
-    groups = equal_groups([rows], World(rank=1, size=2), all_counts=[3, 1])
+    groups = equal_groups([rows], all_counts=[3, 1])
     assert len(groups) == 3 and [r for g in groups for r in g] == rows
     with pytest.raises(RuntimeError, match="evenly"):
-        equal_groups([rows[:1]], World(rank=1, size=2), all_counts=[2, 1])
+        equal_groups([rows[:1]], all_counts=[2, 1])
 
 
 def test_rows_per_step_must_divide_among_processes(monkeypatch):
@@ -144,6 +144,8 @@ def test_rows_per_step_must_divide_among_processes(monkeypatch):
         load_config(None, ["train.per_device_batch_size=2", "train.gradient_accumulation_steps=4"])
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert load_config(None, ["train.per_device_batch_size=2", "train.gradient_accumulation_steps=4"])
+    with pytest.raises(ConfigError, match=r"train.optimizer: adamw_8bit cannot update FSDP-sharded"):
+        load_config(None, ["train.distributed=fsdp", "train.optimizer=adamw_8bit"])
     monkeypatch.setenv("WORLD_SIZE", "3")  # every process trains its own full step: nothing to divide
     assert load_config(None, ["train.gradient_accumulation_steps=4", "train.scale_batch=true"]).train.scale_batch
 
