@@ -25,12 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def run(setting: str, device: str = "cuda", size: dict | None = None) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from medcot.collate import pack_collate
     from medcot.config import LoraArgs
-    from medcot.fast import use_packed_attention
-    from medcot.model import attach_lora
-    from medcot.prompts import Encoded
-
+    from medcot.data.collate import pack_collate
+    from medcot.data.prompts import Encoded
+    from medcot.model.load import attach_lora
+    from medcot.train.fast import use_packed_attention
     torch.manual_seed(0)
     cfg = LlamaConfig(**(size or dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=32,
                                       num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=8192)))
@@ -38,8 +37,7 @@ def run(setting: str, device: str = "cuda", size: dict | None = None) -> dict:
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.config._attn_implementation = "sdpa"
     if "liger" in setting:
-        from medcot.fast import apply_fused_kernels
-
+        from medcot.train.fast import apply_fused_kernels
         assert apply_fused_kernels(model, torch.device(device))
     if "varlen" in setting:
         use_packed_attention(model)

@@ -20,12 +20,15 @@ def main() -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from transformers.models.llama import modeling_llama
 
-    from medcot.collate import pack_collate
     from medcot.config import LoraArgs, ModelArgs
-    from medcot.fast import apply_fused_kernels, limit_checkpointing, use_packed_attention
-    from medcot.model import attach_lora, load_base
-    from medcot.prompts import Encoded
-
+    from medcot.data.collate import pack_collate
+    from medcot.data.prompts import Encoded
+    from medcot.model.load import attach_lora, load_base
+    from medcot.train.fast import (
+        apply_fused_kernels,
+        limit_checkpointing,
+        use_packed_attention,
+    )
     path = Path("/tmp/probe-llama")
     if not (path / "config.json").exists():
         cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,

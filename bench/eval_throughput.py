@@ -48,8 +48,7 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from medcot.embedded import embedded_model_dir
-    from medcot.model import load_tokenizer
-
+    from medcot.model.load import load_tokenizer
     if name.startswith("random:"):
         preset = name.split(":", 1)[1]
         if preset not in RANDOM_PRESETS:
@@ -74,9 +73,8 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device):
 def eval_prompts(tokenizer, n: int, source: str) -> list[list[int]]:
     """n real eval prompts, round-robin over the benchmarks, longest first (as `medcot eval` batches them)."""
     from medcot.config import PromptArgs
+    from medcot.data.prompts import PromptFormatter
     from medcot.eval.tasks import TASKS
-    from medcot.prompts import PromptFormatter
-
     formatter = PromptFormatter(tokenizer, PromptArgs())
     pools = [[(t, it) for it in t.load(source)] for t in TASKS.values()]
     picked = [pools[i % len(pools)][i // len(pools)] for i in range(n)]
@@ -92,8 +90,7 @@ def _sync(device: torch.device) -> None:
 def measure(model, tokenizer, prompts, batch_size: int, max_new_tokens: int, device: torch.device) -> dict:
     """One timed pass over all prompts at `batch_size` (after a short warm-up at the same shape)."""
     from medcot.config import GenerateArgs
-    from medcot.generate import generate
-
+    from medcot.generate.batch import generate
     args = GenerateArgs(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
     # Warm-up: one batch of the real shape, a few tokens (kernels, allocator, lazy init).
     generate(model, tokenizer, prompts[:batch_size], GenerateArgs(max_new_tokens=4, batch_size=batch_size))

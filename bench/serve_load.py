@@ -133,9 +133,8 @@ def offline_one_at_a_time(args, questions: list[str]) -> dict:
     import torch
 
     from medcot.config import load_config
-    from medcot.model import load_for_inference
-    from medcot.prompts import PromptFormatter
-
+    from medcot.data.prompts import PromptFormatter
+    from medcot.model.load import load_for_inference
     cfg = load_config(None, [f"model.name_or_path={args.model}", f"model.device={args.device}",
                              f"model.dtype={args.dtype}", *args.override])
     model, tok, cfg = load_for_inference(cfg, args.adapter)

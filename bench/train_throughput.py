@@ -41,12 +41,11 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def _rows(args):
     """Encoded rows in step order: step s trains rows[8s : 8s+8], the same for every stack."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from medcot.collate import rows_for_step
     from medcot.config import DataArgs, PromptArgs
-    from medcot.data import load_records
-    from medcot.model import load_tokenizer
-    from medcot.prompts import PromptFormatter, encode_records
-
+    from medcot.data.collate import rows_for_step
+    from medcot.data.prompts import PromptFormatter, encode_records
+    from medcot.data.rows import load_records
+    from medcot.model.load import load_tokenizer
     tok = load_tokenizer(args.model)
     data = DataArgs(source=args.data, question_column=args.question_column,
                     reasoning_column=args.reasoning_column, answer_column=args.answer_column)
@@ -62,8 +61,7 @@ def _fixed_batch_loss(model, rows, device, dtype):
     own loss code (Unsloth and Liger never build logits in training), normalised the same way."""
     import torch
 
-    from medcot.collate import count_loss_tokens, pad_collate
-
+    from medcot.data.collate import count_loss_tokens, pad_collate
     n = count_loss_tokens(rows)
     total = 0.0
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
@@ -110,9 +108,14 @@ def run_medcot(args, tok, rows):
     import torch
 
     from medcot.config import LoraArgs, ModelArgs, TrainArgs
-    from medcot.fast import apply_fused_kernels, limit_checkpointing, offload_checkpointing, use_packed_attention
-    from medcot.model import attach_lora, load_base
-    from medcot.train import train_step
+    from medcot.model.load import attach_lora, load_base
+    from medcot.train.fast import (
+        apply_fused_kernels,
+        limit_checkpointing,
+        offload_checkpointing,
+        use_packed_attention,
+    )
+    from medcot.train.trainer import train_step
 
     # Variants: medcot[-offload][-mbt<N>] (host-offloaded checkpointing, micro-batch token budget N).
     fast = args.stack != "medcot-plain"

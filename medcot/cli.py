@@ -19,7 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, config_help, load_config
+from medcot.config import config_help, load_config
+from medcot.errors import ConfigError, Interrupted, MedcotError
 
 log = logging.getLogger("medcot")
 
@@ -115,8 +116,8 @@ def _config(args) -> "Config":  # noqa: F821
 def cmd_train(args) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from .train import train
-
+    from medcot.eval.run import evaluate_for_train
+    from medcot.train.run import train
     if args.resume and (args.config or args.overrides or args.stage):
         raise ConfigError("--resume continues a run with its own saved config; drop --config and overrides")
     cfg = None if args.resume else _config(args)
@@ -125,11 +126,10 @@ def cmd_train(args) -> int:
         log.setLevel(logging.WARNING)
     if cfg is not None:
         log.info("resolved config:\n%s", cfg.to_yaml())
-    from .doctor import check_ready
-
+    from medcot.doctor import check_ready
     check_ready(cfg, resume=args.resume, config_name=args.config)  # fail fast, before data and model load
     with logging_redirect_tqdm():
-        result = train(cfg, resume=args.resume)
+        result = train(cfg, resume=args.resume, evaluate=evaluate_for_train)
     if rank != 0:
         return 0
     cfg = cfg or load_config(Path(args.resume) / "config.yaml")
@@ -152,30 +152,34 @@ def cmd_train(args) -> int:
 
 
 def cmd_ask(args) -> int:
-    from .generate import THINK_CLOSE, stream
-    from .model import load_for_inference
-    from .prompts import PromptFormatter
-    from .report import DISCLAIMER
+    from medcot.data.prompts import PromptFormatter
+    from medcot.disclaimer import DISCLAIMER
+    from medcot.generate import batch
+    from medcot.generate.reasoning import ReasoningSplitter
+    from medcot.model.load import load_for_inference
 
     cfg = _config(args)
     model, tokenizer, cfg = load_for_inference(cfg, args.adapter)
     formatter = PromptFormatter(tokenizer, cfg.prompt)
     print(f"[{DISCLAIMER}]\n", file=sys.stderr)
     print("--- reasoning ---")
-    text = ""
-    in_answer = False
-    for piece in stream(model, tokenizer, formatter.encode_prompt(args.question), cfg.generate):
-        text += piece
-        if not in_answer and THINK_CLOSE in text:
-            # Print up to the tag, then switch sections: the answer is shown apart from the reasoning.
-            before, after = text.split(THINK_CLOSE, 1)
-            print(piece[: max(0, len(piece) - len(after) - len(THINK_CLOSE))], end="")
-            print("\n--- answer ---")
-            print(after.lstrip(), end="", flush=True)
-            in_answer = True
-        else:
-            print(piece, end="", flush=True)
-    if not in_answer:
+    splitter = ReasoningSplitter(starts_in_reasoning=True)  # our prompts open <think>
+    section = "reasoning"
+
+    def show(pieces: list[tuple[str, str]]) -> None:
+        nonlocal section
+        for kind, text in pieces:
+            if kind == "content" and section == "reasoning":
+                print("\n--- answer ---")
+                section = "content"
+            print(text, end="", flush=True)
+
+    for piece in batch.stream(model, tokenizer, formatter.encode_prompt(args.question), cfg.generate):
+        show(splitter.feed(piece))
+    show(splitter.flush())
+    if splitter.closed and section == "reasoning":  # closed, then nothing after the tag
+        print("\n--- answer ---", end="")
+    elif not splitter.closed:
         print("\n--- answer ---\n(none: the model did not finish its reasoning within generate.max_new_tokens)", end="")
     print()
     return 0
@@ -183,7 +187,7 @@ def cmd_ask(args) -> int:
 
 def cmd_serve(args) -> int:
     try:
-        from .serve import serve
+        from medcot.serve import serve
     except ImportError as e:
         print(f"medcot serve: error: {e.name} is not installed: pip install 'medcot[serve]'", file=sys.stderr)
         return 2
@@ -199,8 +203,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from . import doctor
-
+    from medcot import doctor
     return doctor.main(_config(args), args.config)
 
 
@@ -215,8 +218,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from .data import load_records
-
+    from medcot.data.rows import load_records
     if args.data_command == "overlap":
         return cmd_eval(args, overlap_only=True)
 
@@ -230,9 +232,8 @@ def cmd_data(args) -> int:
     if len(loaded.skipped) > 20:
         print(f"  ... and {len(loaded.skipped) - 20} more")
     if not args.no_tokens:
-        from .model import load_tokenizer, model_path
-        from .prompts import PromptFormatter, encode_records
-
+        from medcot.data.prompts import PromptFormatter, encode_records
+        from medcot.model.load import load_tokenizer, model_path
         tokenizer = load_tokenizer(model_path(cfg.model), cfg.model.revision)
         formatter = PromptFormatter(tokenizer, cfg.prompt)
         _, lengths = encode_records(formatter, loaded.records, cfg.train.max_seq_length, cfg.data.overlong)
@@ -243,9 +244,8 @@ def cmd_data(args) -> int:
 def cmd_eval(args, overlap_only: bool = False) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from .eval.report import summary_lines
-    from .eval.run import run_eval
-
+    from medcot.eval.report import summary_lines
+    from medcot.eval.run import run_eval
     overrides = list(args.overrides or []) + ([f"eval.limit={args.limit}"] if getattr(args, "limit", None) else [])
     cfg = load_config(args.config, overrides)
     overlap_only = overlap_only or getattr(args, "overlap_only", False)
@@ -267,8 +267,7 @@ def cmd_eval(args, overlap_only: bool = False) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export, format_plan
-
+    from medcot.export.export import export, format_plan
     result = export(args.run_dir, args.to, out=args.out, dtype=args.dtype, force=args.force,
                     push=args.push, dry_run=args.dry_run)
     print()
@@ -292,11 +291,15 @@ COMMANDS = {"train": cmd_train, "ask": cmd_ask, "doctor": cmd_doctor, "config": 
             "eval": cmd_eval, "export": cmd_export, "serve": cmd_serve}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .data import DataError
-    from .model import ModelSetupError
-    from .train import TrainingDiverged, TrainingInterrupted
+# What Ctrl-C leaves behind when it stops a command outside the places that say more themselves
+# (training saves a checkpoint, eval keeps its answered items: both raise Interrupted with the details).
+_KEPT_ON_CTRL_C = {
+    "export": "nothing was written (an export is assembled in a temporary folder and renamed when complete)",
+    "train": "checkpoints already saved stay in the run folder; resume with: medcot train --resume RUN_DIR",
+}
 
+
+def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "httpx", "urllib3", "datasets", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -310,13 +313,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args)
-    except TrainingInterrupted as e:
-        print(f"medcot: {e}", file=sys.stderr)
+    except Interrupted as e:
+        print(f"medcot {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"medcot {args.command}: interrupted; {_KEPT_ON_CTRL_C.get(args.command, 'nothing to keep')}",
+              file=sys.stderr)
         return 130
-    except (ConfigError, DataError, ModelSetupError, TrainingDiverged, FileNotFoundError, FileExistsError,
-            ValueError) as e:  # ValueError: a bad value (house style), e.g. a prompt template without {question}
+    except (MedcotError, FileNotFoundError) as e:  # FileNotFoundError: a path given on the command line
         print(f"medcot {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
 
 
 if __name__ == "__main__":

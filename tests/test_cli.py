@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import medcot.generate
+import medcot.generate.batch
 from medcot.cli import build_parser, main
-from medcot.report import DISCLAIMER
+from medcot.disclaimer import DISCLAIMER
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).parent / "assets"
@@ -183,7 +183,7 @@ def test_ask_without_adapter_uses_the_configured_model(tiny_model_dir, capsys):
 def test_ask_shows_reasoning_and_answer_apart(tiny_run_dir, capsys, monkeypatch):
     """The streamed text is split at </think>: reasoning above, answer below, the tag itself in neither."""
     pieces = ["Fever with ", "dysuria.\n", "Flank pain: kidney.</think>\n\n", "Acute ", "pyelonephritis."]
-    monkeypatch.setattr(medcot.generate, "stream", lambda *args, **kwargs: iter(pieces))
+    monkeypatch.setattr(medcot.generate.batch, "stream", lambda *args, **kwargs: iter(pieces))
     assert main(["ask", "Diagnosis?", "--adapter", str(tiny_run_dir)]) == 0
     out = capsys.readouterr().out
     reasoning, answer = out.split("--- answer ---\n")

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import re
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from medcot.cli import main
-from medcot.config import LORA_TARGETS, Config, ConfigError, load_config, parse_override
+from medcot.config import LORA_TARGETS, Config, load_config, parse_override
+from medcot.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))

@@ -13,11 +13,18 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from medcot.collate import count_loss_tokens, pack_collate
 from medcot.config import PretrainArgs
-from medcot.corpus import EMBEDDED_CORPUS, PackStats, iter_documents, pack_blocks, split_documents
-from medcot.data import DataError, iter_jsonl
-from medcot.prompts import IGNORE_INDEX
+from medcot.data.collate import count_loss_tokens, pack_collate
+from medcot.data.corpus import (
+    EMBEDDED_CORPUS,
+    PackStats,
+    iter_documents,
+    pack_blocks,
+    split_documents,
+)
+from medcot.data.prompts import IGNORE_INDEX
+from medcot.data.rows import iter_jsonl
+from medcot.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = ["Aspirin irreversibly inhibits COX-1.", "Line one, with a comma\nand \"quotes\".", "Short."]

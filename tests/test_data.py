@@ -10,7 +10,8 @@ import pytest
 
 from medcot.cli import main
 from medcot.config import DataArgs
-from medcot.data import ColumnsError, DataError, LoadedData, Record, load_records, split_records
+from medcot.data.rows import LoadedData, Record, load_records, split_records
+from medcot.errors import ColumnsError, DataError
 
 ASSETS = Path(__file__).parent / "assets"
 TINY = ASSETS / "tiny_cot.jsonl"

@@ -20,9 +20,10 @@ import torch
 from safetensors.torch import load_file
 
 from medcot.cli import main
-from medcot.config import ConfigError, load_config
-from medcot.distributed import deal_rows, equal_groups
-from medcot.prompts import Encoded
+from medcot.config import load_config
+from medcot.data.prompts import Encoded
+from medcot.errors import ConfigError
+from medcot.train.distributed import deal_rows, equal_groups
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["train.max_steps=4", "train.gradient_accumulation_steps=2", "train.save_steps=2"]

@@ -21,7 +21,7 @@ from packaging.specifiers import SpecifierSet
 from medcot import doctor
 from medcot.cli import main
 from medcot.config import load_config
-from medcot.model import ModelSetupError
+from medcot.errors import ModelSetupError
 
 REPO = Path(__file__).resolve().parents[1]
 R1 = str(REPO / "configs" / "r1-distill-llama-8b.yaml")
@@ -92,7 +92,7 @@ def test_every_line_is_ok_warning_or_error_and_non_ok_lines_say_what_to_change(t
 def test_8b_recipe_without_gpu_fails_fast_with_one_message_saying_what_to_change(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     # Training stops in preflight: before the hub dataset or the model would be fetched.
-    monkeypatch.setattr("medcot.train.load_records", lambda *a: pytest.fail("train() ran past preflight"))
+    monkeypatch.setattr("medcot.train.sft.load_records", lambda *a: pytest.fail("train() ran past preflight"))
     assert main(["train", "--config", R1]) == 2
     err = capsys.readouterr().err
     assert err.count("\n  - ") == 1, err  # one problem, one message

@@ -13,16 +13,15 @@ import torch
 
 from medcot.cli import main
 from medcot.config import load_config
-from medcot.export import _llama3_rope_factors, format_plan, upload_plan
-from medcot.prompts import PromptFormatter
+from medcot.data.prompts import PromptFormatter
+from medcot.export.export import _llama3_rope_factors, format_plan, upload_plan
 
 QUESTION = "A 45-year-old man has crushing chest pain radiating to the left arm. What is the next step?"
 
 
 def _adapter_logits(run_dir: Path, text: str):
     """Logits of base + adapter (through PEFT, as `medcot ask` runs it) and of the base alone, in fp32."""
-    from medcot.model import load_for_inference
-
+    from medcot.model.load import load_for_inference
     cfg = load_config(run_dir / "config.yaml", ["model.device=cpu", "model.dtype=fp32"])
     model, tokenizer, _ = load_for_inference(cfg, run_dir)
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
@@ -94,8 +93,7 @@ def test_gguf_export_writes_llama_cpp_tensors_and_vocabulary(run_dir, tmp_path):
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
     from medcot.embedded import gguf_path
-    from medcot.export import merged_model
-
+    from medcot.export.export import merged_model
     out = tmp_path / "gguf"
     assert main(["export", str(run_dir), "--to", "gguf", "--dtype", "fp32", "--out", str(out)]) == 0
     assert (out / "tiny-fp32.gguf").is_file() and (out / "Modelfile").is_file()
@@ -132,8 +130,7 @@ def test_gguf_export_writes_llama_cpp_tensors_and_vocabulary(run_dir, tmp_path):
 def embedded_run(tmp_path_factory, embedded_dir) -> Path:
     """A run folder on the real embedded SmolLM2-135M-Instruct with a random non-zero LoRA adapter."""
     from medcot.config import Config
-    from medcot.model import attach_lora, load_base
-
+    from medcot.model.load import attach_lora, load_base
     run = tmp_path_factory.mktemp("export-embedded") / "smol"
     cfg = Config()  # model.name_or_path=embedded: what users export
     cfg.model.device, cfg.model.dtype, cfg.lora.r = "cpu", "fp32", 4

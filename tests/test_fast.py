@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medcot.collate import count_loss_tokens, micro_batches, pack_collate
 from medcot.config import LoraArgs, TrainArgs
-from medcot.fast import offload_checkpointing, use_packed_attention
-from medcot.model import attach_lora
-from medcot.prompts import IGNORE_INDEX, Encoded
-from medcot.train import train_step
+from medcot.data.collate import count_loss_tokens, micro_batches, pack_collate
+from medcot.data.prompts import IGNORE_INDEX, Encoded
+from medcot.model.load import attach_lora
+from medcot.train.fast import offload_checkpointing, use_packed_attention
+from medcot.train.trainer import train_step
 
 
 def _rows(n: int, vocab: int, seed: int = 0) -> list[Encoded]:
@@ -123,8 +123,7 @@ def test_fast_path_matches_plain_on_gpu(tmp_path):
     """bf16 on CUDA: packing + Liger (fused RMSNorm/RoPE/SwiGLU/linear-CE) vs padded plain HF."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from medcot.fast import apply_fused_kernels
-
+    from medcot.train.fast import apply_fused_kernels
     cfg = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096)
     torch.manual_seed(0)

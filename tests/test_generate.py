@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from medcot.config import GenerateArgs, PromptArgs
-from medcot.generate import Generation, generate, split_reasoning, stream
-from medcot.model import load_tokenizer
-from medcot.prompts import PromptFormatter
+from medcot.data.prompts import PromptFormatter
+from medcot.generate.batch import Generation, generate, stream
+from medcot.generate.reasoning import split_reasoning
+from medcot.model.load import load_tokenizer
 
 QUESTIONS = [
     "What is the first-line treatment for anaphylaxis?",

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from medcot.cli import main
 from medcot.config import load_config
-from medcot.corpus import EMBEDDED_CORPUS
+from medcot.data.corpus import EMBEDDED_CORPUS
 
 PROMPT = "A 60-year-old smoker has haemoptysis and weight loss. What is the most likely diagnosis?"
 # 128-token blocks and 4 held-out abstracts of the shipped PubMed sample: a pre-training step is ~0.2 s.
@@ -47,10 +47,9 @@ def _steps(metrics: Path) -> list[int]:
 
 def _heldout_loss(model, cfg) -> float:
     """Held-out loss per token on the run's held-out documents, computed here from the corpus."""
-    from medcot.corpus import iter_documents, pack_blocks, split_documents
-    from medcot.model import load_tokenizer
-    from medcot.train import validation_loss
-
+    from medcot.data.corpus import iter_documents, pack_blocks, split_documents
+    from medcot.model.load import load_tokenizer
+    from medcot.train.trainer import validation_loss
     tok = load_tokenizer(cfg.model.name_or_path)
     val_docs, _ = split_documents(iter_documents(cfg.pretrain), cfg.pretrain.val_docs)
     blocks = list(pack_blocks(val_docs, tok, cfg.pretrain.block_size))
@@ -234,9 +233,8 @@ def test_pretraining_lowers_heldout_loss(pretrain_run):
 def test_inference_and_export_apply_both_adapters(both_run, tiny_model_dir):
     from peft import PeftModel
 
-    from medcot.export import merged_model
-    from medcot.model import load_for_inference, stage_adapters
-
+    from medcot.export.export import merged_model
+    from medcot.model.load import load_for_inference, stage_adapters
     run = both_run["dir"]
     assert stage_adapters(run) == [run / "pretrain" / "adapter"]
     model, tok, cfg = load_for_inference(load_config(None, ["model.device=cpu"]), run)
@@ -348,8 +346,7 @@ def test_heldout_documents_leave_none_to_train_on(tmp_path, tiny_train_argv, cap
 def test_train_embeddings_saves_full_embed_tokens_and_lm_head(tmp_path, tiny_train_argv, tiny_model_dir):
     from peft import PeftModel
 
-    from medcot.model import load_for_inference
-
+    from medcot.model.load import load_for_inference
     _run(tiny_train_argv(tmp_path, "emb", *PRE, "pretrain.max_steps=2", "pretrain.learning_rate=1.0e-3",
                          "pretrain.train_embeddings=true", "pretrain.compare=false", "--stage", "pretrain+sft"))
     run = tmp_path / "emb"
@@ -397,8 +394,7 @@ def test_resuming_a_finished_run_keeps_one_comparison_section(both_run, tmp_path
 
 
 def test_adapter_folder_of_a_pretrain_sft_run_includes_the_pretraining(both_run, tiny_model_dir):
-    from medcot.model import load_for_inference
-
+    from medcot.model.load import load_for_inference
     run = both_run["dir"]
     cfg = load_config(None, ["model.device=cpu", f"model.name_or_path={tiny_model_dir}"])
     model, tok, _ = load_for_inference(cfg, run)

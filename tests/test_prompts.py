@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from medcot.config import PromptArgs
-from medcot.data import Record
-from medcot.model import load_tokenizer
-from medcot.prompts import IGNORE_INDEX, PromptFormatter, encode_records
+from medcot.data.prompts import IGNORE_INDEX, PromptFormatter, encode_records
+from medcot.data.rows import Record
+from medcot.model.load import load_tokenizer
 
 ASSETS = Path(__file__).parent / "assets"
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import medcot.train
+import medcot.train.trainer
 from medcot.cli import main
 from medcot.config import load_config
 
@@ -44,7 +44,7 @@ def _capture_model(mp: pytest.MonkeyPatch):
     """Keep a handle on the model `train` builds: its parameters right after LoRA is attached, and the
     trained model object when the adapter is saved."""
     seen: dict = {}
-    attach, save = medcot.train.attach_lora, medcot.train.Trainer.save_adapter
+    attach, save = medcot.train.trainer.attach_lora, medcot.train.trainer.Trainer.save_adapter
 
     def attach_spy(*args, **kwargs):
         model = attach(*args, **kwargs)
@@ -55,8 +55,8 @@ def _capture_model(mp: pytest.MonkeyPatch):
         seen["model"] = trainer.model
         return save(trainer, *args, **kwargs)
 
-    mp.setattr(medcot.train, "attach_lora", attach_spy)
-    mp.setattr(medcot.train.Trainer, "save_adapter", save_spy)
+    mp.setattr(medcot.train.trainer, "attach_lora", attach_spy)
+    mp.setattr(medcot.train.trainer.Trainer, "save_adapter", save_spy)
     yield seen
 
 
@@ -284,7 +284,7 @@ def test_nan_from_the_start_stops_with_a_clear_message(tmp_path, tiny_model_dir,
 
 
 def test_nan_mid_run_keeps_the_last_good_checkpoint(tmp_path, tiny_train_argv, capsys, monkeypatch):
-    attach = medcot.train.attach_lora
+    attach = medcot.train.trainer.attach_lora
     calls = {"train_forwards": 0}
 
     def poison_at_step_3(*args, **kwargs):
@@ -301,7 +301,7 @@ def test_nan_mid_run_keeps_the_last_good_checkpoint(tmp_path, tiny_train_argv, c
         model.register_forward_pre_hook(pre_hook, with_kwargs=True)
         return model
 
-    monkeypatch.setattr(medcot.train, "attach_lora", poison_at_step_3)
+    monkeypatch.setattr(medcot.train.trainer, "attach_lora", poison_at_step_3)
     argv = tiny_train_argv(tmp_path, "diverged", "train.max_steps=6", "train.save_steps=1")
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -314,7 +314,7 @@ def test_nan_mid_run_keeps_the_last_good_checkpoint(tmp_path, tiny_train_argv, c
     assert not (run / "adapter").exists()
 
     # The kept checkpoint resumes (the fault was transient here) and the run completes.
-    monkeypatch.setattr(medcot.train, "attach_lora", attach)
+    monkeypatch.setattr(medcot.train.trainer, "attach_lora", attach)
     assert main(["train", "--resume", str(run)]) == 0
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..generate import split_reasoning
+from medcot.generate.reasoning import split_reasoning
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import io
 from collections import Counter
 from pathlib import Path
 
-from ..checkpoint import write_atomic
-from ..report import DISCLAIMER
+from medcot.disclaimer import DISCLAIMER
+from medcot.io import write_atomic
 
 COLORS = {"base": "#8c8c8c", "adapter": "#1f77b4", "train": "#1f77b4"}
 

@@ -19,61 +19,18 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..checkpoint import write_atomic
-from ..config import Config, ConfigError, GenerateArgs, load_config
-from ..data import DataError
-from ..generate import THINK_CLOSE, generate
-from . import metrics, overlap
-from .tasks import TASKS, Item, Task
+from medcot.config import Config, load_config
+from medcot.errors import ConfigError, DataError
+from medcot.eval import metrics, overlap
+from medcot.eval.tasks import TASKS, Item, Task
+from medcot.generate.budget import generate_answers
+from medcot.io import write_atomic
 
 log = logging.getLogger(__name__)
-
-FORCE_CLOSE = "\n" + THINK_CLOSE + "\n"  # what the thinking budget appends when the reasoning runs out
-
-
-# ---------------------------------------------------------------------------------------------
-# Generation with a thinking budget
-
-
-@dataclass(frozen=True)
-class Answer:
-    text: str  # the completion after the prompt (reasoning, </think>, answer), forced tag included
-    num_tokens: int  # generated tokens (the forced tag is not counted: the model did not write it)
-    closed: bool  # the model wrote </think> itself
-    forced: bool  # the budget ran out and "</think>" was appended before the answer was generated
-
-
-def generate_answers(model, tokenizer, prompts: list[list[int]], gen: GenerateArgs, batch_size: int,
-                     thinking_budget: int | None, answer_tokens: int) -> list[Answer]:
-    """Generate a reasoning + answer for each prompt.
-
-    Without a budget: one pass of `gen.max_new_tokens`. With one: reason for up to `thinking_budget`
-    tokens; outputs that stopped at EOS are done. The others continue for `answer_tokens` more,
-    after "\\n</think>\\n" is appended where the model had not closed its reasoning itself, so every
-    item gets a chance to answer (s1's "budget forcing"). The continuation re-tokenizes the text
-    generated so far; the ids can differ from the sampled ones at a token boundary, which changes
-    nothing a greedy continuation depends on in practice.
-    """
-    if thinking_budget is None:
-        outs = generate(model, tokenizer, prompts, replace(gen, batch_size=batch_size))
-        return [Answer(o.text, o.num_tokens, THINK_CLOSE in o.text, False) for o in outs]
-    first = generate(model, tokenizer, prompts, replace(gen, max_new_tokens=thinking_budget, batch_size=batch_size))
-    answers = [Answer(o.text, o.num_tokens, THINK_CLOSE in o.text, False) for o in first]
-    todo = [i for i, o in enumerate(first) if not o.finished]
-    if not todo:
-        return answers
-    texts = [first[i].text if answers[i].closed else first[i].text + FORCE_CLOSE for i in todo]
-    cont = [prompts[i] + tokenizer(t, add_special_tokens=False)["input_ids"] for i, t in zip(todo, texts)]
-    second = generate(model, tokenizer, cont, replace(gen, max_new_tokens=answer_tokens, batch_size=batch_size))
-    for i, text, o in zip(todo, texts, second):
-        a = answers[i]
-        answers[i] = Answer(text + o.text, a.num_tokens + o.num_tokens, a.closed, not a.closed)
-    return answers
-
 
 def answer_items(model, tokenizer, formatter, task: Task, items: list[Item], cfg: Config, tag: str) -> list[dict]:
     """Prompt, generate, extract and score one batch of items; one record per item."""
@@ -213,17 +170,15 @@ def run_eval(cfg: Config, adapter: str | None = None, compare: bool = False, ove
         on_log("excluded as overlapping: " + ", ".join(f"{n} {k}" for n, k in excluded.items()))
     if overlap_only:
         summary = {"overlap": overlap_summary, "wall_s": time.time() - t0}
-        from .report import write_overlap_report
-
+        from medcot.eval.report import write_overlap_report
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "overlap.json", json.dumps(overlap_summary, indent=2))
         write_overlap_report(out / "overlap.md", overlap_summary)
         return EvalResult(out, summary, time.time() - t0)
 
     # -- Model -----------------------------------------------------------------------------------
-    from ..model import load_for_inference
-    from ..prompts import PromptFormatter
-
+    from medcot.data.prompts import PromptFormatter
+    from medcot.model.load import load_for_inference
     model, tokenizer, run_cfg = load_for_inference(cfg, adapter)
     run_cfg.eval = e  # the adapter's saved config brings its own eval section; the user's wins here
     formatter = PromptFormatter(tokenizer, run_cfg.prompt)
@@ -257,8 +212,7 @@ def run_eval(cfg: Config, adapter: str | None = None, compare: bool = False, ove
     summary = _summarize(run_cfg, adapter, tags, tasks, items, records, cot_loss, overlap_summary, excluded)
     summary["wall_s"] = round(time.time() - t0, 1)
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    from .report import write_report
-
+    from medcot.eval.report import write_report
     write_report(out, summary, records)
     return EvalResult(out, summary, time.time() - t0)
 
@@ -313,8 +267,7 @@ def _training_config(cfg: Config, adapter: str | None) -> Config:
 
 
 def _load_training_data(train_cfg: Config):
-    from ..data import load_records
-
+    from medcot.data.rows import load_records
     try:
         return load_records(train_cfg.data)
     except Exception as err:  # bad file, hub offline, missing token: the benchmarks don't need it
@@ -384,9 +337,12 @@ def heldout_cot_loss(model, tokenizer, formatter, train_cfg: Config, train_data)
     The same rows, prompt and loss as `medcot train`'s validation loss, so the number is comparable
     with the run report's before/after values.
     """
-    from ..data import split_records
-    from ..prompts import encode_records
-    from ..train import autocast_for, validation_loss  # shared with train's before/after validation loss
+    from medcot.data.prompts import encode_records
+    from medcot.data.rows import split_records
+    from medcot.train.trainer import (  # shared with train's before/after validation loss
+        autocast_for,
+        validation_loss,
+    )
 
     splits = split_records(train_data.records, train_cfg.data)
     rows, _ = encode_records(formatter, splits.val, train_cfg.train.max_seq_length, "truncate")
@@ -433,8 +389,7 @@ def evaluate_for_train(model, tokenizer, cfg: Config) -> dict:
     `{benchmark: {n, correct, accuracy, ci_low, ci_high, unparseable_rate, chance, ...}}` (empty when
     `train_eval_limit` is 0). The model's train/eval mode and `use_cache` are restored.
     """
-    from ..prompts import PromptFormatter
-
+    from medcot.data.prompts import PromptFormatter
     if cfg.eval.train_eval_limit <= 0:
         return {}
     formatter = PromptFormatter(tokenizer, cfg.prompt)
@@ -454,25 +409,3 @@ def evaluate_for_train(model, tokenizer, cfg: Config) -> dict:
     finally:
         model.config.use_cache = use_cache
         model.train(was_training)
-
-
-def train_eval_table(before: dict, after: dict | None = None) -> str:
-    """Markdown table of `evaluate_for_train` results, before (and after) training."""
-    if not before:
-        return ""
-    head = "| benchmark | n | chance | before | after | Δ |\n|---|---|---|---|---|---|" if after else \
-        "| benchmark | n | chance | accuracy |\n|---|---|---|---|"
-    lines = [head]
-    for name, b in before.items():
-        cell = _acc_cell(b)
-        if after:
-            a = after.get(name)
-            delta = f"{100 * (a['accuracy'] - b['accuracy']):+.1f} pts" if a else ""
-            lines.append(f"| {name} | {b['n']} | {100 * b['chance']:.0f}% | {cell} | {_acc_cell(a) if a else ''} | {delta} |")
-        else:
-            lines.append(f"| {name} | {b['n']} | {100 * b['chance']:.0f}% | {cell} |")
-    return "\n".join(lines)
-
-
-def _acc_cell(s: dict) -> str:
-    return f"{100 * s['accuracy']:.1f}% [{100 * s['ci_low']:.0f}–{100 * s['ci_high']:.0f}]"

@@ -4,12 +4,12 @@
 
 protocol.py  OpenAI request/response models and the error envelope
 chat.py      a conversation -> the training prompt (seed or chat template)
-engine.py    continuous batching, bounded queue, timeouts, the streamed reasoning/answer split
+(continuous batching and the reasoning split live in medcot/generate/)
 security.py  API key, loopback rule, body-size limit, security headers
 app.py       the FastAPI app (routes, lifespan, SSE) and `serve()`
 static/      the chat page (no build step, no CDN)
 """
 
-from .app import create_app, serve
+from medcot.serve.app import create_app, serve
 
 __all__ = ["create_app", "serve"]

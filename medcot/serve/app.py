@@ -27,11 +27,15 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import Config
-from ..prompts import PromptFormatter
-from ..report import DISCLAIMER
-from .chat import build_prompt
-from .engine import Engine, Event, ReasoningSplitter, SamplingParams, Ticket
+from medcot.config import Config
+from medcot.data.prompts import PromptFormatter
+from medcot.disclaimer import DISCLAIMER
+from medcot.errors import Overloaded, Unavailable
+from medcot.generate.engine import Engine, Event, SamplingParams, Ticket
+from medcot.generate.reasoning import ReasoningSplitter
+from medcot.serve.chat import build_prompt
+from medcot.serve.security import API_KEY_ENV, GuardMiddleware, check_bind, is_loopback
+
 from .protocol import (
     APIError,
     ChatCompletionRequest,
@@ -46,11 +50,11 @@ from .protocol import (
     ModelCard,
     ModelList,
     ModelNotFoundError,
+    RateLimitError,
     RequestError,
     ServiceUnavailableError,
     UsageInfo,
 )
-from .security import API_KEY_ENV, GuardMiddleware, check_bind, is_loopback
 
 log = logging.getLogger("medcot.serve")
 
@@ -110,8 +114,14 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _as_api_error(error: Exception | None) -> APIError:
+    """The HTTP error for what the engine reported: capacity (429), time or shutdown (503), or a failure (500)."""
     if isinstance(error, APIError):
         return error
+    if isinstance(error, Overloaded):
+        return RateLimitError(str(error), headers={"Retry-After": str(error.retry_after_s)})
+    if isinstance(error, Unavailable):
+        headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s else None
+        return ServiceUnavailableError(str(error), code=error.code, headers=headers)
     log.error("generation failed: %r", error)
     return APIError("Generation failed on the server (see the server log).", code="generation_failed")
 
@@ -133,7 +143,7 @@ def create_app(cfg: Config, adapter: str | Path | None = None, *, load_model: Ca
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if load_model is None:
-            from ..model import load_for_inference as load
+            from medcot.model.load import load_for_inference as load
         else:
             load = load_model
         t0 = time.monotonic()
@@ -279,7 +289,10 @@ async def _submit(served: _Served, body: ChatCompletionRequest) -> tuple[Ticket,
         stop=tuple(body.stop_list()),
         ignore_eos=body.ignore_eos,
     )
-    return served.engine.submit(prompt.ids, params), prompt.opens_reasoning
+    try:
+        return served.engine.submit(prompt.ids, params), prompt.opens_reasoning
+    except (Overloaded, Unavailable) as e:
+        raise _as_api_error(e) from None
 
 
 async def _cancel_on_disconnect(request: Request, ticket: Ticket) -> None:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..generate import THINK_CLOSE, THINK_OPEN, split_reasoning
-from ..prompts import INSTRUCTION, PromptFormatter
-from .protocol import ChatMessageParam, RequestError
+from medcot.data.prompts import INSTRUCTION, PromptFormatter
+from medcot.generate.reasoning import THINK_CLOSE, THINK_OPEN, split_reasoning
+from medcot.serve.protocol import ChatMessageParam, RequestError
 
 
 @dataclass(frozen=True)

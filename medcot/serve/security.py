@@ -15,7 +15,8 @@ import hashlib
 import hmac
 import ipaddress
 
-from .protocol import APIError, AuthenticationError, RequestTooLargeError
+from medcot.errors import InsecureBindError
+from medcot.serve.protocol import APIError, AuthenticationError, RequestTooLargeError
 
 API_KEY_ENV = "MEDCOT_API_KEY"
 
@@ -25,10 +26,6 @@ SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
 ]
-
-
-class InsecureBindError(ValueError):
-    """Binding beyond loopback without an API key."""
 
 
 def is_loopback(host: str) -> bool:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from medcot.checkpoint import write_atomic
 from medcot.config import load_config
-
+from medcot.io import write_atomic
 
 # The held-out CoT loss on 2 rows cut to 256 tokens: a full 49k-vocabulary logit tensor per token
 # is what makes it slow on CPU, not the tiny model.

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from medcot.cli import main
-from medcot.config import ConfigError, load_config
+from medcot.config import load_config
+from medcot.errors import ConfigError
 from medcot.eval.overlap import build_index, item_overlap
 from medcot.eval.run import exclude_overlapping, run_eval
 from medcot.eval.tasks import TASKS

@@ -6,8 +6,11 @@ import json
 import pytest
 
 import medcot.eval.run as run_mod
-from medcot.config import ConfigError, load_config
-from medcot.eval.run import FORCE_CLOSE, evaluate_for_train, generate_answers, run_eval, train_eval_table
+from medcot.config import load_config
+from medcot.errors import ConfigError
+from medcot.eval.run import evaluate_for_train, run_eval
+from medcot.generate.budget import FORCE_CLOSE, generate_answers
+from medcot.train.report import train_eval_table
 
 
 def _items(out):
@@ -15,9 +18,8 @@ def _items(out):
 
 
 def test_thinking_budget_forces_the_answer(tiny_model_dir):
-    from medcot.model import load_for_inference
-    from medcot.prompts import PromptFormatter
-
+    from medcot.data.prompts import PromptFormatter
+    from medcot.model.load import load_for_inference
     cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "model.device=cpu", "generate.max_new_tokens=7"])
     model, tok, cfg = load_for_inference(cfg)
     prompts = [PromptFormatter(tok, cfg.prompt).encode_prompt(q) for q in ("Why fever?", "A longer question on sepsis?")]
@@ -89,8 +91,7 @@ def test_interrupted_eval_resumes_without_recomputing(tiny_overrides, tmp_path, 
 
 
 def test_evaluate_for_train_restores_the_model(tiny_model_dir):
-    from medcot.model import load_for_inference
-
+    from medcot.model.load import load_for_inference
     cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "model.device=cpu", "eval.train_eval_limit=2",
                              "eval.benchmarks=medmcqa,pubmedqa", "eval.thinking_budget=4", "eval.answer_tokens=4"])
     model, tok, cfg = load_for_inference(cfg)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from medcot.data import DataError
+from medcot.errors import DataError
 from medcot.eval.tasks import TASKS, spread
 
 SIZES = {"medqa": 636, "medmcqa": 2091, "pubmedqa": 500, "mmlu_medical": 543}

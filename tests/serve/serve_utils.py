@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from medcot.config import load_config
-from medcot.serve.engine import Engine
+from medcot.generate.engine import Engine
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,7 +6,8 @@ import pytest
 
 import medcot.serve as serve_pkg
 from medcot.cli import main
-from medcot.config import ConfigError, config_help, load_config
+from medcot.config import config_help, load_config
+from medcot.errors import ConfigError
 
 
 def test_help(capsys):

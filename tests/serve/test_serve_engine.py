@@ -8,12 +8,14 @@ import asyncio
 import pytest
 
 from medcot.config import GenerateArgs, PromptArgs
-from medcot.generate import generate, split_reasoning
-from medcot.model import load_tokenizer
-from medcot.prompts import INSTRUCTION, PromptFormatter
+from medcot.data.prompts import INSTRUCTION, PromptFormatter
+from medcot.generate.batch import generate
+from medcot.generate.engine import Engine, SamplingParams
+from medcot.generate.reasoning import ReasoningSplitter, split_reasoning
+from medcot.model.load import load_tokenizer
 from medcot.serve.chat import build_prompt, conversation_to_question
-from medcot.serve.engine import Engine, ReasoningSplitter, SamplingParams
-from medcot.serve.protocol import ChatMessageParam, RateLimitError, RequestError
+from medcot.errors import Overloaded
+from medcot.serve.protocol import ChatMessageParam, RequestError
 
 # -- ReasoningSplitter --------------------------------------------------------------------------------
 
@@ -184,17 +186,18 @@ def test_stop_strings_and_ignore_eos(tiny):
     assert cut == full[:full.index(stop)] and done.finish_reason == "stop"
 
 
-def test_submit_past_capacity_raises_429_with_retry_after(tiny):
+def test_submit_past_capacity_raises_overloaded_with_retry_after(tiny):
+    """The engine says when to come back; the server turns that into 429 + Retry-After (tests/serve/test_serve_api.py)."""
     model, tok = tiny
 
     async def main():
         engine = Engine(model, tok, max_batch_size=2, max_queue=1, request_timeout_s=60)  # not started: all wait
         for _ in range(3):
             engine.submit([1, 2, 3], SamplingParams(max_tokens=1))
-        with pytest.raises(RateLimitError) as e:
+        with pytest.raises(Overloaded) as e:
             engine.submit([1, 2, 3], SamplingParams(max_tokens=1))
         return e.value, engine
 
     err, engine = asyncio.run(main())
-    assert err.status_code == 429 and int(err.headers["Retry-After"]) >= 1
+    assert err.retry_after_s >= 1 and "serve.max_queue=1" in str(err)
     assert engine.stats.rejected == 1

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from .common import EMBEDDED_EVAL_DIR, Item, MultipleChoiceTask, Task, render_mc, spread
-from .medmcqa import MedMCQA
-from .medqa import MedQA
-from .mmlu_medical import MMLUMedical
-from .pubmedqa import PubMedQA
+from medcot.eval.tasks.common import (
+    EMBEDDED_EVAL_DIR,
+    Item,
+    MultipleChoiceTask,
+    Task,
+    render_mc,
+    spread,
+)
+from medcot.eval.tasks.medmcqa import MedMCQA
+from medcot.eval.tasks.medqa import MedQA
+from medcot.eval.tasks.mmlu_medical import MMLUMedical
+from medcot.eval.tasks.pubmedqa import PubMedQA
 
 TASKS: dict[str, Task] = {t.name: t for t in (MedQA(), MedMCQA(), PubMedQA(), MMLUMedical())}
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ...data import DataError, iter_jsonl
-from ..extract import Extraction
+from medcot.data.rows import iter_jsonl
+from medcot.errors import DataError
+from medcot.eval.extract import Extraction
 
 EMBEDDED_EVAL_DIR = Path(__file__).resolve().parents[2] / "assets" / "eval"
 LETTERS = "ABCDEFGHIJ"
@@ -87,7 +88,9 @@ class Task:
         return self._validate_rows(_iter_jsonl(path), str(path))
 
     def _load_hub(self) -> list[Item]:
-        from datasets import load_dataset  # network; datasets reads HF_TOKEN from the environment
+        from datasets import (
+            load_dataset,  # network; datasets reads HF_TOKEN from the environment
+        )
 
         rows: list[tuple[int, Any]] = []
         for config in self.hub_configs:
@@ -191,8 +194,7 @@ class MultipleChoiceTask(Task):
         return render_mc(item.question, item.options)
 
     def extract(self, output: str, item: Item) -> Extraction:
-        from ..extract import extract_choice
-
+        from medcot.eval.extract import extract_choice
         return extract_choice(output, item.options)
 
 

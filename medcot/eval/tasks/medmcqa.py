@@ -6,7 +6,7 @@ columns `id`, `question`, `opa`..`opd`, `cop` (0-3, the correct option), `subjec
 
 from __future__ import annotations
 
-from .common import LETTERS, MultipleChoiceTask
+from medcot.eval.tasks.common import LETTERS, MultipleChoiceTask
 
 
 class MedMCQA(MultipleChoiceTask):

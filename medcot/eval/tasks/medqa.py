@@ -6,7 +6,7 @@ Hub: GBaker/MedQA-USMLE-4-options, split `test` (1,273 items), columns `question
 
 from __future__ import annotations
 
-from .common import MultipleChoiceTask
+from medcot.eval.tasks.common import MultipleChoiceTask
 
 
 class MedQA(MultipleChoiceTask):

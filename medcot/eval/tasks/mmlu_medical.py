@@ -7,7 +7,7 @@ Hub: cais/mmlu, one config per subject, split `test`, columns `question`, `subje
 
 from __future__ import annotations
 
-from .common import LETTERS, MultipleChoiceTask
+from medcot.eval.tasks.common import LETTERS, MultipleChoiceTask
 
 SUBJECTS = (
     "anatomy", "clinical_knowledge", "college_biology", "college_medicine", "medical_genetics",

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...data import DataError
-from ..extract import Extraction, extract_yes_no
-from .common import Item, Task
+from medcot.errors import DataError
+from medcot.eval.extract import Extraction, extract_yes_no
+from medcot.eval.tasks.common import Item, Task
 
 LABELS = ("yes", "no", "maybe")
 

@@ -21,7 +21,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from .prompts import Encoded
+from medcot.data.prompts import Encoded
+from medcot.errors import SetupError
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def _shard(peft_model) -> None:
         import inspect
 
         if "ignored_params" not in inspect.signature(fully_shard).parameters:
-            raise RuntimeError(f"QLoRA with train.distributed=fsdp needs fully_shard(ignored_params=...), which torch "
+            raise SetupError(f"QLoRA with train.distributed=fsdp needs fully_shard(ignored_params=...), which torch "
                                f"{torch.__version__} lacks; upgrade torch or use train.distributed=ddp")
         kw["ignored_params"] = ignored
     for layer in root.model.layers:
@@ -157,7 +158,7 @@ def equal_groups(groups: list[list[Encoded]], all_counts: list[int]) -> list[lis
     while len(groups) < target:
         i = max(range(len(groups)), key=lambda j: len(groups[j]))
         if len(groups[i]) < 2:
-            raise RuntimeError("cannot split micro-batches evenly across processes; raise the rows per step")
+            raise SetupError("cannot split micro-batches evenly across processes; raise the rows per step")
         g = groups.pop(i)
         half = len(g) // 2
         groups[i:i] = [g[:half], g[half:]]
@@ -194,7 +195,10 @@ def trainable_state(engine) -> dict[str, torch.Tensor]:
 
     Collective under FSDP: every rank calls it; ranks other than 0 may get an empty dict.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     return get_model_state_dict(unwrap(engine), options=opts)
@@ -202,14 +206,20 @@ def trainable_state(engine) -> dict[str, torch.Tensor]:
 
 def optimizer_state(engine, optimizer) -> dict:
     """Full optimizer state keyed by parameter name, so it loads on any process count or strategy."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_optimizer_state_dict(unwrap(engine), optimizer, options=opts)
 
 
 def load_optimizer_state(engine, optimizer, state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
 
     optimizer.zero_grad(set_to_none=True)  # torch builds the empty state to load into only when no grads exist
     set_optimizer_state_dict(unwrap(engine), optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -8,38 +8,14 @@ only considers folders with `state.json` in them.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
 import shutil
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a file under a temporary name and rename it, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def write_dir_atomic(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `final`; once the block completes, it replaces `final`.
-
-    A crash inside the block leaves `final` as it was (and never a half-written folder under its name).
-    """
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    yield tmp
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+from medcot.io import write_dir_atomic
 
 
 def _rng_state() -> dict:
@@ -65,8 +41,12 @@ def save_checkpoint(run_dir: Path, step: int, engine, optimizer, scheduler, stat
     """
     from safetensors.torch import save_file
 
-    from .distributed import World, barrier, optimizer_state, trainable_state
-
+    from medcot.train.distributed import (
+        World,
+        barrier,
+        optimizer_state,
+        trainable_state,
+    )
     world = world or World()
     weights, optim = trainable_state(engine), optimizer_state(engine, optimizer)
     root = run_dir / "checkpoints"
@@ -92,10 +72,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, engine, optimizer, scheduler) -> dict:
     """Restore trainable weights, optimizer, scheduler and RNG from `path`; return its state.json."""
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+    )
 
-    from .distributed import load_optimizer_state, unwrap
-
+    from medcot.train.distributed import load_optimizer_state, unwrap
     weights = load_file(path / "trainable.safetensors")
     set_model_state_dict(unwrap(engine), weights, options=StateDictOptions(full_state_dict=True, strict=False))
     load_optimizer_state(engine, optimizer, torch.load(path / "optimizer.pt", weights_only=False))

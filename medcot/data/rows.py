@@ -18,20 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import DataArgs
-from .embedded import DEMO_DATA
+from medcot.config import DataArgs
+from medcot.embedded import DEMO_DATA
+from medcot.errors import ColumnsError, DataError
 
 log = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-
-
-class DataError(ValueError):
-    """An input file or row that cannot be used. The message names the file, row and field."""
-
-
-class ColumnsError(DataError):
-    """The file lacks the mapped columns: a file-level problem that --skip-bad-rows cannot skip."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +111,9 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _iter_hub_rows(args: DataArgs) -> Iterator[tuple[int, Any]]:
-    from datasets import load_dataset  # token: datasets reads HF_TOKEN from the environment
+    from datasets import (
+        load_dataset,  # token: datasets reads HF_TOKEN from the environment
+    )
 
     ds = load_dataset(args.source, args.hub_config, split=args.split)
     yield from enumerate(ds, start=1)

@@ -66,7 +66,10 @@ def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     diagonal blocks); elsewhere one causal SDPA call per row. Without `row_bounds` (evaluation,
     generation) it is plain SDPA.
     """
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import (
+        repeat_kv,
+        sdpa_attention_forward,
+    )
 
     if row_bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

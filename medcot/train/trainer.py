@@ -1,14 +1,9 @@
-"""Train: the supervised chain-of-thought fine-tune, read top to bottom.
+"""The trainer: one optimizer loop shared by every stage (SFT, continued pre-training), read top to bottom.
 
-    medcot train --config configs/demo-cpu.yaml            # embedded model, CPU, minutes
-    medcot train --config configs/r1-distill-llama-8b.yaml # the seed recipe on a CUDA GPU
-    medcot train --resume runs/20261125-101500             # continue an interrupted run
-
-resolve config → data → prompt/tokenize → model + LoRA → answers and val loss before → fit
-(checkpoints, metrics) → save adapter → answers and val loss after → report.
-With train.stage=pretrain+sft the continued pre-training stage (medcot/pretrain.py) runs first
-and the SFT stage starts from its merged adapter; under a launcher, several processes share
-each step (medcot/distributed.py).
+A stage builds a `Trainer` (LoRA attached, fast path chosen, wrapped for DDP/FSDP), calls `fit` with its
+encoded rows, then `save_adapter` and `result`. `fit` resumes from the stage folder's newest checkpoint,
+runs `train_step` per optimizer step (loss normalised over the whole step's response tokens), logs,
+checkpoints atomically, and stops cleanly on Ctrl-C / SIGTERM after saving.
 """
 
 from __future__ import annotations
@@ -19,35 +14,43 @@ import math
 import signal
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed, report
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomic, write_dir_atomic
-from .collate import count_loss_tokens, micro_batches, pack_collate, pad_collate, rows_for_step
-from .config import Config, load_config
-from .data import load_records, split_records
-from .distributed import World
-from .eval.run import evaluate_for_train
-from .fast import apply_fused_kernels, fast_path_enabled, limit_checkpointing, offload_checkpointing, use_packed_attention
-from .generate import generate
-from .model import attach_lora, load_base, merge_adapter, resolve_device
-from .prompts import Encoded, PromptFormatter, encode_records
-from .tracking import Tracker
+from medcot.config import Config
+from medcot.data.collate import (
+    count_loss_tokens,
+    micro_batches,
+    pack_collate,
+    pad_collate,
+    rows_for_step,
+)
+from medcot.data.prompts import Encoded
+from medcot.errors import Interrupted, SetupError, TrainingDiverged
+from medcot.io import write_atomic, write_dir_atomic
+from medcot.model.load import attach_lora
+from medcot.train import distributed
+from medcot.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from medcot.train.distributed import World
+from medcot.train.fast import (
+    apply_fused_kernels,
+    fast_path_enabled,
+    limit_checkpointing,
+    offload_checkpointing,
+    use_packed_attention,
+)
+from medcot.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or gradient became NaN/inf; the last good checkpoint is kept."""
-
-
-class TrainingInterrupted(RuntimeError):
-    """Ctrl-C / SIGTERM: the run saved a checkpoint and can be resumed."""
+# A benchmark eval run before and after training (`eval.train_eval_limit`): (model, tokenizer, cfg) ->
+# {benchmark: scores}. The eval stage sits above training, so `medcot train` is handed it by the CLI
+# (`medcot.eval.run.evaluate_for_train`) instead of importing it.
+Evaluator = Callable[[torch.nn.Module, object, Config], dict]
 
 
 @dataclass
@@ -63,130 +66,6 @@ class TrainResult:
     wall_s: float = 0.0
     tokens_per_s: float = 0.0
     peak_mem_gib: float = 0.0
-
-
-def train(cfg: Config | None = None, resume: str | Path | None = None, on_log: Callable[[str], None] = log.info) -> TrainResult:
-    """Run (or resume) the stages `train.stage` names and write the run folder.
-
-    Under a launcher with several processes every rank runs this; only rank 0 writes.
-
-    Raises:
-        TrainingDiverged: NaN/inf loss; the last good checkpoint stays on disk.
-        TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was saved first.
-    """
-    cfg, run_dir = _open_run(cfg, resume)
-    world = distributed.init(cfg.train.distributed, resolve_device(cfg.model).type == "cuda")
-    try:
-        run_dir = distributed.broadcast(run_dir, world)  # the default name is rank 0's timestamp
-        if not world.main:
-            on_log = _silent
-        if world.size > 1:
-            on_log(f"distributed: {world.size} processes, {world.strategy}; each step's "
-                   f"{distributed.rows_per_step(cfg.train, world)} rows are shared among them"
-                   + ("" if cfg.train.scale_batch else " (train.scale_batch=true gives each process a full step)"))
-        if cfg.train.stage == "sft":
-            return sft(cfg, run_dir, world, on_log)
-        from .pretrain import pretrain
-
-        pre = pretrain(cfg, run_dir / "pretrain", world, on_log)
-        if cfg.train.stage == "pretrain":
-            return pre
-        result = sft(cfg, run_dir, world, on_log, start_from=run_dir / "pretrain" / "adapter")
-        if cfg.pretrain.compare:
-            on_log("comparison: the same SFT stage from the base model without pre-training")
-            baseline = sft(cfg, run_dir / "without-pretrain", world, on_log, run_root=run_dir)
-            if world.main:
-                report.append_pretrain_comparison(run_dir, pre, result, baseline)
-        return result
-    finally:
-        distributed.shutdown(world)
-
-
-def _open_run(cfg: Config | None, resume: str | Path | None) -> tuple[Config, Path]:
-    if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"{run_dir} is not a medcot run folder (no config.yaml); cannot resume")
-        return load_config(run_dir / "config.yaml"), run_dir  # a resumed run must not change recipe
-    assert cfg is not None, "train() needs a config or a run folder to resume"
-    name = cfg.train.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.train.output_dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"{run_dir} already exists; pick another train.run_name or resume it with --resume {run_dir}")
-    return cfg, run_dir
-
-
-def sft(cfg: Config, run_dir: Path, world: World, on_log: Callable[[str], None] = log.info,
-        start_from: Path | None = None, run_root: Path | None = None) -> TrainResult:
-    """The chain-of-thought fine-tune, into `run_dir`; resumes from its checkpoints, skips if done.
-
-    `start_from`: an adapter merged into the base first (the pre-training stage's).
-    `run_root`: the run folder `run_dir` is a stage of (default: `run_dir` itself).
-    """
-    run_root = run_root or run_dir
-    if (done := finished(run_dir)) is not None:
-        on_log(f"{run_dir}: already finished; skipping")
-        return done
-    t_start = time.time()
-    t = cfg.train
-    torch.manual_seed(t.seed)  # LoRA's A matrices are drawn from this: same seed, same start
-
-    # -- Data ---------------------------------------------------------------------------------
-    loaded = load_records(cfg.data)
-    splits = split_records(loaded.records, cfg.data)
-    on_log(f"data: {len(loaded.records)} rows from {loaded.source} ({len(loaded.skipped)} bad rows skipped); "
-           f"train {len(splits.train)}, validation {len(splits.val)}")
-
-    # -- Model and tokens ---------------------------------------------------------------------
-    model, tokenizer, model_info = load_base(cfg.model)
-    on_log(f"model: {model_info['path']} on {model_info['device']} ({model_info['dtype']}, "
-           f"quantization {model_info['quantization']})")
-    if start_from is not None:
-        model = merge_adapter(model, start_from)
-        on_log(f"model: merged the pre-training adapter {start_from} into the base")
-    formatter = PromptFormatter(tokenizer, cfg.prompt)
-    train_rows, lengths = encode_records(formatter, splits.train, t.max_seq_length, cfg.data.overlong)
-    val_rows, _ = encode_records(formatter, splits.val, t.max_seq_length, "truncate")
-    on_log(f"tokens: {lengths.summary()}")
-    if not train_rows:
-        raise ValueError(f"No training rows fit train.max_seq_length={t.max_seq_length}; raise it or set data.overlong=truncate")
-    run = Trainer.build(model, cfg, world, run_root, on_log)
-    pad_id = tokenizer.pad_token_id
-    sample_q = splits.val[: t.sample_questions]
-
-    def before() -> dict:
-        # LoRA's B matrices start at zero, so the wrapped model is still exactly the base model here.
-        out = {"val_loss_before": validation_loss(run.model, val_rows, pad_id, t.per_device_batch_size, run.autocast),
-               "answers_before": _answer(run.model, tokenizer, formatter, sample_q, cfg),
-               "eval_before": evaluate_for_train(run.model, tokenizer, cfg)}  # {} unless eval.train_eval_limit > 0
-        on_log(f"before: validation loss {out['val_loss_before']:.4f}")
-        return out
-
-    state = run.fit(train_rows, run_dir, t.max_steps, t.learning_rate, pad_id, before)
-    run.save_adapter(tokenizer, run_dir)
-
-    # -- After --------------------------------------------------------------------------------
-    val_loss_after = validation_loss(run.model, val_rows, pad_id, t.per_device_batch_size, run.autocast)
-    answers_after = _answer(run.model, tokenizer, formatter, sample_q, cfg)
-    eval_after = evaluate_for_train(run.model, tokenizer, cfg)
-    on_log(f"after: validation loss {val_loss_after:.4f} (before {state['val_loss_before']:.4f})")
-    result = run.result(run_dir, t.max_steps, state, t_start, val_loss_after, answers_before=state["answers_before"],
-                        answers_after=answers_after, eval_before=state.get("eval_before", {}), eval_after=eval_after)
-    if world.main:
-        report.write_run_report(
-            run_dir, cfg, result,
-            questions=[r.question for r in sample_q],
-            references=[r.answer for r in sample_q],
-            lengths=lengths,
-            data_source=loaded.source,
-            n_skipped=len(loaded.skipped),
-            model_info=model_info,
-            n_trainable=run.n_trainable,
-            tracker_backend=run.tracker_backend,
-            world_size=world.size,
-        )
-        mark_finished(run_dir, result)
-    return result
 
 
 @dataclass
@@ -303,7 +182,7 @@ class Trainer:
                     save_checkpoint(stage_dir, step + 1, self.engine, optimizer, scheduler, state, world)
                 if stop_now and not done:
                     self._close()
-                    raise TrainingInterrupted(
+                    raise Interrupted(
                         f"Interrupted by {stop_now}; checkpoint saved at step {step + 1}. "
                         f"Resume with: medcot train --resume {self.run_root}"
                     )
@@ -377,7 +256,7 @@ def _make_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.
         try:
             import bitsandbytes as bnb
         except ImportError as e:
-            raise RuntimeError("train.optimizer=adamw_8bit needs bitsandbytes on CUDA; use train.optimizer=adamw") from e
+            raise SetupError("train.optimizer=adamw_8bit needs bitsandbytes on CUDA; use train.optimizer=adamw") from e
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
@@ -418,17 +297,6 @@ def validation_loss(model, rows: list[Encoded], pad_id: int, batch_size: int, au
     return total / max(n, 1)
 
 
-def _answer(model, tokenizer, formatter: PromptFormatter, records, cfg: Config) -> list[str]:
-    was_training = model.training
-    model.eval()
-    model.config.use_cache = True
-    prompts = [formatter.encode_prompt(r.question) for r in records]
-    outs = generate(model, tokenizer, prompts, cfg.generate)
-    model.config.use_cache = False
-    model.train(was_training)
-    return [o.text for o in outs]
-
-
 def finished(run_dir: Path) -> TrainResult | None:
     """The result of a stage that already completed in `run_dir` (resuming a multi-stage run)."""
     path = run_dir / "result.json"
@@ -439,10 +307,6 @@ def finished(run_dir: Path) -> TrainResult | None:
 
 def mark_finished(run_dir: Path, result: TrainResult) -> None:
     write_atomic(run_dir / "result.json", json.dumps({**asdict(result), "run_dir": run_dir.name}, indent=2))
-
-
-def _silent(_: str) -> None:
-    """on_log for ranks other than 0: one process speaks for the run."""
 
 
 def peak_mem_gib(device: torch.device) -> float:

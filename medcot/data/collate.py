@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from .prompts import IGNORE_INDEX, Encoded
+from medcot.data.prompts import IGNORE_INDEX, Encoded
 
 
 def rows_for_step(n_rows: int, step: int, rows_per_step: int, seed: int) -> list[int]:

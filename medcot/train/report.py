@@ -13,9 +13,9 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from .checkpoint import write_atomic
-from .generate import split_reasoning
-from .tracking import read_metrics
+from medcot.generate.reasoning import split_reasoning
+from medcot.io import write_atomic, write_file_atomic
+from medcot.train.tracking import read_metrics
 
 DISCLAIMER = "medcot is a research tool. Its answers are not medical advice."
 
@@ -84,16 +84,14 @@ def plot_loss(run_dir: Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     path = run_dir / "loss.png"
-    tmp = run_dir / ".loss.tmp.png"
-    fig.savefig(tmp)
+    with write_file_atomic(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
 def _rows_per_step(cfg, world_size: int) -> int:
-    from .distributed import World, rows_per_step
-
+    from medcot.train.distributed import World, rows_per_step
     return rows_per_step(cfg.train, World(size=world_size))
 
 
@@ -153,8 +151,6 @@ def write_run_report(run_dir: Path, cfg, result, *, questions, references, lengt
         "",
     ]
     if result.eval_before:
-        from .eval.run import train_eval_table
-
         lines += ["## Benchmarks before and after (eval.train_eval_limit items each)", "",
                   train_eval_table(result.eval_before, result.eval_after), ""]
     if loss_png:
@@ -281,3 +277,25 @@ def append_pretrain_comparison(run_dir: Path, pre, with_pre, without_pre) -> Non
 
 def _score(entry: dict) -> str:
     return f"{entry['accuracy']:.1%} (n={entry['n']})" if entry else "–"
+
+
+def train_eval_table(before: dict, after: dict | None = None) -> str:
+    """Markdown table of `evaluate_for_train` results, before (and after) training."""
+    if not before:
+        return ""
+    head = "| benchmark | n | chance | before | after | Δ |\n|---|---|---|---|---|---|" if after else \
+        "| benchmark | n | chance | accuracy |\n|---|---|---|---|"
+    lines = [head]
+    for name, b in before.items():
+        cell = _acc_cell(b)
+        if after:
+            a = after.get(name)
+            delta = f"{100 * (a['accuracy'] - b['accuracy']):+.1f} pts" if a else ""
+            lines.append(f"| {name} | {b['n']} | {100 * b['chance']:.0f}% | {cell} | {_acc_cell(a) if a else ''} | {delta} |")
+        else:
+            lines.append(f"| {name} | {b['n']} | {100 * b['chance']:.0f}% | {cell} |")
+    return "\n".join(lines)
+
+
+def _acc_cell(s: dict) -> str:
+    return f"{100 * s['accuracy']:.1f}% [{100 * s['ci_low']:.0f}–{100 * s['ci_high']:.0f}]"

@@ -17,9 +17,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
-from .config import PretrainArgs
-from .data import LOCAL_SUFFIXES, DataError, _decode, _iter_rows
-from .prompts import Encoded
+from medcot.config import PretrainArgs
+from medcot.data.prompts import Encoded
+from medcot.data.rows import LOCAL_SUFFIXES, _decode, _iter_rows
+from medcot.errors import ConfigError, DataError
 
 EMBEDDED_CORPUS = Path(__file__).parent / "assets" / "pubmed_abstracts.jsonl"
 
@@ -72,7 +73,10 @@ def iter_documents(args: PretrainArgs) -> Documents:
             raise DataError(f"{path}: unsupported file type; pretrain.source takes a folder of .txt files or a "
                             f"{'/'.join(LOCAL_SUFFIXES)} file")
         return Documents(source, _count_rows(path), lambda: _texts(source, _iter_rows(path), args.text_column))
-    from datasets import Dataset, load_dataset  # token: datasets reads HF_TOKEN from the environment
+    from datasets import (  # token: datasets reads HF_TOKEN from the environment
+        Dataset,
+        load_dataset,
+    )
 
     ds = load_dataset(source, args.hub_config, split=args.split, streaming=args.streaming)
     if isinstance(ds, Dataset):
@@ -157,10 +161,10 @@ def pack_blocks(docs: Iterable[str], tokenizer, block_size: int, stats: PackStat
         ValueError: `block_size` below 2 (a block needs a token to predict from), or no EOS token.
     """
     if block_size < 2:
-        raise ValueError(f"pretrain.block_size must be >= 2, got {block_size}")
+        raise ConfigError(f"pretrain.block_size must be >= 2, got {block_size}")
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("The tokenizer has no EOS token; set one so the model learns where a document ends")
+        raise ConfigError("The tokenizer has no EOS token; set one so the model learns where a document ends")
     stats = stats if stats is not None else PackStats()
     ids: list[int] = []
     lens: list[int] = []

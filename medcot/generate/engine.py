@@ -30,8 +30,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..generate import THINK_CLOSE, THINK_OPEN
-from .protocol import RateLimitError, ServiceUnavailableError
+from medcot.errors import Overloaded, Unavailable
+from medcot.generate.batch import left_pad
 
 log = logging.getLogger(__name__)
 
@@ -171,21 +171,21 @@ class Engine:
         """Queue a request (call from the event loop).
 
         Raises:
-            RateLimitError: batch and queue are full (429, with Retry-After).
-            ServiceUnavailableError: the engine is shutting down.
+            Overloaded: batch and queue are full (the server answers 429 with Retry-After).
+            Unavailable: the engine is shutting down (503).
         """
         ticket = Ticket(prompt_ids, params, self.request_timeout_s)
         with self._cond:
             if self._stopping or (self._thread.ident is not None and not self._thread.is_alive()):
-                raise ServiceUnavailableError("the server is shutting down", headers={"Retry-After": "5"})
+                raise Unavailable("the server is shutting down", retry_after_s=5)
             if self._n_running + len(self._waiting) >= self.max_batch_size + self.max_queue:
                 self.stats.rejected += 1
                 retry = self._retry_after_s()
-                raise RateLimitError(
+                raise Overloaded(
                     f"the server is at capacity ({self._n_running} running, {len(self._waiting)} waiting; "
                     f"serve.max_batch_size={self.max_batch_size}, serve.max_queue={self.max_queue}); "
                     f"retry after {retry} s",
-                    headers={"Retry-After": str(retry)},
+                    retry_after_s=retry,
                 )
             self._waiting.append(ticket)
             self._cond.notify()
@@ -239,7 +239,7 @@ class Engine:
             left = list(self._waiting) + [r.ticket for r in self._rows]
             self._waiting.clear()
         for t in left:
-            t.emit(Event("error", error=ServiceUnavailableError("the server is shutting down")))
+            t.emit(Event("error", error=Unavailable("the server is shutting down")))
 
     def _expire_waiting(self) -> None:
         """Drop waiting requests whose client left, or that waited past the timeout (caller holds the lock)."""
@@ -251,10 +251,10 @@ class Engine:
                 t.emit(Event("error", error=_client_gone()))
             elif now > t.deadline:
                 self.stats.timed_out += 1
-                t.emit(Event("error", error=ServiceUnavailableError(
+                t.emit(Event("error", error=Unavailable(
                     f"the request waited {now - t.submitted:.0f} s for a free slot "
                     f"(serve.request_timeout_s={self.request_timeout_s:g}); retry later",
-                    headers={"Retry-After": str(self._retry_after_s())}, code="timeout")))
+                    code="timeout", retry_after_s=self._retry_after_s())))
             else:
                 keep.append(t)
         self._waiting = keep
@@ -265,13 +265,7 @@ class Engine:
         return out.logits[:, -1, :].float(), out[self._cache_kw]
 
     def _prefill(self, tickets: list[Ticket]) -> None:
-        width = max(len(t.prompt_ids) for t in tickets)
-        ids = torch.full((len(tickets), width), self._pad, dtype=torch.long)
-        mask = torch.zeros((len(tickets), width), dtype=torch.long)
-        for i, t in enumerate(tickets):
-            ids[i, width - len(t.prompt_ids):] = torch.tensor(t.prompt_ids)
-            mask[i, width - len(t.prompt_ids):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = left_pad([t.prompt_ids for t in tickets], self._pad, self.device)
         # Left padding: each row's positions count its own tokens only, so padding never shifts RoPE.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         # No cache passed: the model builds the right kind for its layers (full or sliding-window).
@@ -418,78 +412,5 @@ class Engine:
                     layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
 
 
-def _client_gone() -> ServiceUnavailableError:
-    return ServiceUnavailableError("the client disconnected; generation stopped", code="client_disconnected")
-
-
-class ReasoningSplitter:
-    """Split streamed model text into reasoning and answer, as it arrives.
-
-    Cases, all handled on partial pieces (a tag may arrive split across pieces):
-    - the prompt opened `<think>` (seed template, R1 chat templates): the text starts inside the
-      reasoning, which ends at `</think>`; a repeated opening tag is dropped;
-    - the prompt did not open it: text that starts with `<think>` is reasoning up to `</think>`; text that
-      starts with anything else is all answer;
-    - `</think>` never comes (max_tokens reached, timeout): everything is reasoning, the answer is empty.
-
-    Whitespace around the tags is dropped, so the concatenated pieces equal
-    `medcot.generate.split_reasoning` of the whole text.
-    """
-
-    def __init__(self, starts_in_reasoning: bool):
-        self._state = "reasoning" if starts_in_reasoning else "start"
-        self._buf = ""
-        self._at_section_start = True  # leading whitespace of a section is dropped
-        self._seen_open = False  # an opening tag at the very start decides (or repeats) the section
-
-    def feed(self, text: str) -> list[tuple[str, str]]:
-        """Returns (kind, text) pieces, kind in "reasoning" | "content"."""
-        self._buf += text
-        out: list[tuple[str, str]] = []
-        while True:
-            if self._state in ("start", "reasoning") and self._at_section_start and not self._seen_open:
-                head = self._buf.lstrip()
-                if THINK_OPEN.startswith(head) and len(head) < len(THINK_OPEN):
-                    return out  # maybe an opening tag: wait for more
-                if head.startswith(THINK_OPEN):
-                    self._buf = head[len(THINK_OPEN):]
-                    self._state = "reasoning"
-                elif self._state == "start":
-                    self._state = "content"
-                self._seen_open = True
-            if self._state == "reasoning":
-                before, sep, after = self._buf.partition(THINK_CLOSE)
-                if sep:
-                    self._emit(out, "reasoning", before, final=True)
-                    self._state, self._buf, self._at_section_start = "content", after, True
-                    continue
-                # Keep a possible partial closing tag for the next piece.
-                keep = next((k for k in range(len(THINK_CLOSE) - 1, 0, -1)
-                             if self._buf.endswith(THINK_CLOSE[:k])), 0)
-                text, partial_tag = self._buf[:len(self._buf) - keep], self._buf[len(self._buf) - keep:]
-                self._buf = self._emit(out, "reasoning", text) + partial_tag
-                return out
-            if self._state == "content":
-                self._buf = self._emit(out, "content", self._buf)
-                return out
-            return out
-
-    def flush(self) -> list[tuple[str, str]]:
-        """The end of the text: what was held back for a tag that never came (trailing whitespace is dropped)."""
-        out: list[tuple[str, str]] = []
-        if self._state == "start":  # only whitespace or a partial "<think" ever came: an answer
-            self._state = "content"
-        self._emit(out, "reasoning" if self._state == "reasoning" else "content", self._buf, final=True)
-        self._buf = ""
-        return out
-
-    def _emit(self, out: list[tuple[str, str]], kind: str, text: str, final: bool = False) -> str:
-        """Append `text` (less leading whitespace at a section start); returns trailing whitespace held back."""
-        if self._at_section_start:
-            text = text.lstrip()
-        body = text.rstrip()
-        held = "" if final else text[len(body):]
-        if body:
-            out.append((kind, body))
-            self._at_section_start = False
-        return held
+def _client_gone() -> Unavailable:
+    return Unavailable("the client disconnected; generation stopped", code="client_disconnected")

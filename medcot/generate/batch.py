@@ -1,4 +1,4 @@
-"""Generate: batched and streamed generation, and splitting the reasoning from the final answer."""
+"""Batched and streamed generation with the KV cache (HF `generate`)."""
 
 from __future__ import annotations
 
@@ -8,30 +8,7 @@ from typing import Iterator
 
 import torch
 
-from .config import GenerateArgs
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-
-@dataclass(frozen=True)
-class Split:
-    reasoning: str
-    answer: str
-    closed: bool  # False when the model never wrote </think> (ran out of tokens or never reasoned)
-
-
-def split_reasoning(text: str) -> Split:
-    """Split a completion into (reasoning, answer).
-
-    Our prompts open `<think>` themselves, so a completion normally starts inside the reasoning and
-    has no opening tag; one that repeats `<think>` is handled too. Without `</think>` everything is
-    reasoning and the answer is empty: the model never reached its answer.
-    """
-    head, sep, tail = text.partition(THINK_CLOSE)
-    head = head.split(THINK_OPEN, 1)[-1] if THINK_OPEN in head else head
-    if not sep:
-        return Split(reasoning=head.strip(), answer="", closed=False)
-    return Split(reasoning=head.strip(), answer=tail.strip(), closed=True)
+from medcot.config import GenerateArgs
 
 
 @dataclass(frozen=True)
@@ -50,7 +27,7 @@ def _sampling_kwargs(args: GenerateArgs, tokenizer) -> dict:
     return kw
 
 
-def _left_pad(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     # Decoder-only models continue from the last position, so padding goes on the left.
     width = max(len(ids) for ids in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -76,7 +53,7 @@ def generate(model, tokenizer, prompts: list[list[int]], args: GenerateArgs, pro
         torch.manual_seed(args.seed)
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
-        input_ids, mask = _left_pad(batch, tokenizer.pad_token_id, device)
+        input_ids, mask = left_pad(batch, tokenizer.pad_token_id, device)
         seqs = model.generate(input_ids=input_ids, attention_mask=mask, use_cache=True, **_sampling_kwargs(args, tokenizer))
         for row in seqs[:, input_ids.shape[1] :].tolist():
             finished = eos in row
@@ -93,7 +70,11 @@ def stream(model, tokenizer, prompt: list[int], args: GenerateArgs, stop_event: 
     Generation runs in a thread; setting `stop_event` (e.g. when a client disconnects) ends it at the
     next token.
     """
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    from transformers import (
+        StoppingCriteria,
+        StoppingCriteriaList,
+        TextIteratorStreamer,
+    )
 
     class _Stop(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):

@@ -19,12 +19,19 @@ from typing import Callable
 
 import torch
 
-from . import distributed, report
-from .config import Config
-from .corpus import PackStats, iter_documents, pack_blocks, split_documents
-from .distributed import World
-from .model import load_base
-from .train import Trainer, TrainResult, finished, mark_finished, validation_loss
+from medcot.config import Config
+from medcot.data.corpus import PackStats, iter_documents, pack_blocks, split_documents
+from medcot.errors import ConfigError
+from medcot.model.load import load_base
+from medcot.train import distributed, report
+from medcot.train.distributed import World
+from medcot.train.trainer import (
+    Trainer,
+    TrainResult,
+    finished,
+    mark_finished,
+    validation_loss,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +57,7 @@ def pretrain(cfg: Config, stage_dir: Path, world: World, on_log: Callable[[str],
     val_docs, train_docs = split_documents(docs, p.val_docs)
     val_blocks = list(pack_blocks(val_docs, tokenizer, p.block_size, desc="held-out"))
     if not val_blocks:
-        raise ValueError(f"pretrain.val_docs={p.val_docs} documents hold less than one block of "
+        raise ConfigError(f"pretrain.val_docs={p.val_docs} documents hold less than one block of "
                          f"pretrain.block_size={p.block_size} tokens; raise val_docs or lower block_size")
     stats = PackStats()
     rows_per_step = distributed.rows_per_step(t, world)
@@ -60,7 +67,7 @@ def pretrain(cfg: Config, stage_dir: Path, world: World, on_log: Callable[[str],
     total = docs.total - len(val_docs) if docs.total is not None else None
     blocks = list(islice(pack_blocks(train_docs, tokenizer, p.block_size, stats, total=total), limit))
     if not blocks:
-        raise ValueError(f"{docs.source}: the training documents fill no block of {p.block_size} tokens; "
+        raise ConfigError(f"{docs.source}: the training documents fill no block of {p.block_size} tokens; "
                          "lower pretrain.block_size or add text")
     on_log(f"corpus: {docs.source}: {stats.documents} documents, {stats.tokens:,} tokens -> {len(blocks)} blocks of "
            f"{p.block_size}; {len(val_blocks)} held-out blocks from {len(val_docs)} documents")

@@ -9,16 +9,13 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, LoraArgs, ModelArgs, load_config
-from .embedded import embedded_model_dir
+from medcot.config import Config, LoraArgs, ModelArgs, load_config
+from medcot.embedded import embedded_model_dir
+from medcot.errors import ModelSetupError
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class ModelSetupError(RuntimeError):
-    """The requested model setup cannot run on this machine; the message says what to change."""
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_device(args: ModelArgs) -> torch.device:
@@ -31,7 +28,7 @@ def resolve_device(args: ModelArgs) -> torch.device:
 
 def resolve_dtype(args: ModelArgs, device: torch.device) -> torch.dtype:
     if args.dtype != "auto":
-        dtype = _DTYPES[args.dtype]
+        dtype = DTYPES[args.dtype]
         if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             raise ModelSetupError("model.dtype=bf16 but this GPU has no bf16 support; use model.dtype=fp16 (or auto)")
         return dtype

@@ -34,17 +34,18 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .checkpoint import write_atomic
-from .config import Config, load_config
-from .embedded import EMBEDDED_MODEL_NAME
-from .report import DISCLAIMER
+from medcot import __version__
+from medcot.config import Config, load_config
+from medcot.disclaimer import DISCLAIMER
+from medcot.embedded import EMBEDDED_MODEL_NAME
+from medcot.errors import SetupError
+from medcot.io import write_atomic, write_dir_atomic
+from medcot.model.load import DTYPES
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("merged", "gguf")
 DEFAULT_DTYPE = {"merged": "bf16", "gguf": "fp16"}  # F16 GGUF runs on every llama.cpp backend
-_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EXPORT_META = "export.json"
 
@@ -81,18 +82,18 @@ def export(run_dir: str | Path, to: str, out: str | Path | None = None, dtype: s
     """
     run_dir = Path(run_dir)
     if to not in FORMATS:
-        raise ValueError(f"--to {to!r}: choose one of {', '.join(FORMATS)}")
+        raise SetupError(f"--to {to!r}: choose one of {', '.join(FORMATS)}")
     dtype = dtype or DEFAULT_DTYPE[to]
-    if dtype not in _TORCH_DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(_TORCH_DTYPES)}")
+    if dtype not in DTYPES:
+        raise SetupError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if dry_run and not push:
-        raise ValueError("--dry-run lists what --push would upload; add --push REPO_ID")
+        raise SetupError("--dry-run lists what --push would upload; add --push REPO_ID")
     if push:
         from huggingface_hub.utils import validate_repo_id
 
         validate_repo_id(push)  # a malformed id fails here (offline), not after the export
     if push and not dry_run and not os.environ.get("HF_TOKEN"):
-        raise ValueError(
+        raise SetupError(
             "--push needs a Hugging Face token with write access in the HF_TOKEN environment variable "
             "(https://huggingface.co/settings/tokens); try --dry-run first to see what would be uploaded"
         )
@@ -102,13 +103,13 @@ def export(run_dir: str | Path, to: str, out: str | Path | None = None, dtype: s
     reused = False
     if out.exists() and not force:
         if not (push and (out / EXPORT_META).is_file()):
-            raise FileExistsError(
+            raise SetupError(
                 f"{out} already exists; pass --force to replace it, or --out to write elsewhere"
                 + ("" if push else " (or --push REPO_ID to upload it as it is)")
             )
         meta = json.loads((out / EXPORT_META).read_text())
         if (meta["format"], meta["dtype"]) != (to, dtype):
-            raise FileExistsError(f"{out} holds a {meta['format']} {meta['dtype']} export, not {to} {dtype}; "
+            raise SetupError(f"{out} holds a {meta['format']} {meta['dtype']} export, not {to} {dtype}; "
                                   "pass --force to replace it, or --out to write elsewhere")
         log.info("%s already holds this export: pushing it as it is (--force re-exports)", out)
         reused = True
@@ -144,10 +145,9 @@ def load_run_config(run_dir: Path) -> Config:
 
 
 def _write_export(run_dir: Path, cfg: Config, to: str, dtype: str, out: Path) -> None:
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    # Replaces an old export only once the new one is complete (--force).
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with write_dir_atomic(out) as tmp:
         model, tokenizer = merged_model(cfg, run_dir, dtype)
         template = training_chat_template(cfg, tokenizer)
         if template is not None:
@@ -172,13 +172,6 @@ def _write_export(run_dir: Path, cfg: Config, to: str, dtype: str, out: Path) ->
         write_atomic(tmp / EXPORT_META, json.dumps(meta, indent=2))
         shutil.copyfile(run_dir / "config.yaml", tmp / "training_config.yaml")
         write_atomic(tmp / "README.md", model_card(run_dir, cfg, tmp, repo_id=None))
-        # Replace an old export only now that the new one is complete (--force).
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,8 +189,12 @@ def merged_model(cfg: Config, run_dir: Path, dtype: str):
     Returns:
         (model, tokenizer): a plain `PreTrainedModel` (no PEFT wrappers) and the run's tokenizer.
     """
-    from .model import load_base, load_tokenizer, merge_adapter, stage_adapters
-
+    from medcot.model.load import (
+        load_base,
+        load_tokenizer,
+        merge_adapter,
+        stage_adapters,
+    )
     if cfg.model.quantization != "none":
         log.info("the run trained on a %s base; merging into the unquantized base weights", cfg.model.quantization)
     # CPU: merging is a few small matmuls per layer; host memory holds what one GPU may not.
@@ -222,8 +219,7 @@ def training_chat_template(cfg: Config, tokenizer) -> str | None:
     (single turn, ending in `<think>\\n`). Returns None for `prompt.template=chat`: the tokenizer's own
     template is what the run trained with.
     """
-    from .prompts import PromptFormatter
-
+    from medcot.data.prompts import PromptFormatter
     if cfg.prompt.template == "chat":
         return None
     try:
@@ -267,11 +263,10 @@ def _check_gguf_supported(cfg: Config, adapter_dir: Path) -> None:
     """Fail before loading any weights when the base model or its tokenizer cannot go to GGUF."""
     from transformers import AutoConfig
 
-    from .model import load_tokenizer, model_path
-
+    from medcot.model.load import load_tokenizer, model_path
     config = AutoConfig.from_pretrained(model_path(cfg.model), revision=cfg.model.revision)
     if problem := _gguf_problem(config):
-        raise ValueError(f"{cfg.model.name_or_path}: {problem}. Export --to merged and convert that folder with "
+        raise SetupError(f"{cfg.model.name_or_path}: {problem}. Export --to merged and convert that folder with "
                          "llama.cpp's convert_hf_to_gguf.py.")
     gguf_vocab(load_tokenizer(str(adapter_dir)), config.vocab_size)  # raises for a tokenizer GGUF can't hold
 
@@ -311,7 +306,7 @@ def gguf_vocab(tokenizer, vocab_size: int) -> dict:
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     if backend["model"]["type"] != "BPE" or (backend.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ValueError(
+        raise SetupError(
             "--to gguf writes byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3); this tokenizer is "
             f"{backend['model']['type']} with a {(backend.get('decoder') or {}).get('type')} decoder. "
             "Export --to merged and convert with llama.cpp's convert_hf_to_gguf.py."
@@ -361,7 +356,7 @@ def write_gguf(model, tokenizer, path: Path, dtype: str, name: str) -> None:
 
     c = model.config
     if problem := _gguf_problem(c):
-        raise ValueError(f"write_gguf: {problem}")
+        raise SetupError(f"write_gguf: {problem}")
     n_head, n_kv = c.num_attention_heads, c.num_key_value_heads
     head_dim = c.head_dim or c.hidden_size // n_head
     rope = c.rope_parameters
@@ -431,7 +426,7 @@ def write_gguf(model, tokenizer, path: Path, dtype: str, name: str) -> None:
     for hf_name, tensor in state.items():
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise ValueError(f"--to gguf: no GGUF name for tensor {hf_name!r} of a Llama model")
+            raise SetupError(f"--to gguf: no GGUF name for tensor {hf_name!r} of a Llama model")
         keep_f32 = tensor.ndim <= 1 or gguf_name.endswith("_norm.weight")
         plan.append((gguf_name, hf_name, gguf.GGMLQuantizationType.F32 if keep_f32 else qtype))
     plan += [(n, n, gguf.GGMLQuantizationType.F32) for n in extra]
@@ -488,8 +483,7 @@ def _llama3_rope_factors(rope: dict, head_dim: int) -> torch.Tensor:
 
 def ollama_modelfile(cfg: Config, tokenizer, gguf_name: str, name: str) -> str:
     """An Ollama Modelfile: the GGUF, the training prompt as a Go template, and the stop token."""
-    from .prompts import PromptFormatter
-
+    from medcot.data.prompts import PromptFormatter
     lines = [f"# ollama create {name.lower()} -f Modelfile", f"FROM ./{gguf_name}", ""]
     if cfg.prompt.template != "chat":
         try:
@@ -539,8 +533,7 @@ def _human(n: int) -> str:
 
 def model_card(run_dir: Path, cfg: Config, out: Path, repo_id: str | None) -> str:
     """README.md for the export: base model, data, recipe and results of the run, and the notice."""
-    from .prompts import PromptFormatter
-
+    from medcot.data.prompts import PromptFormatter
     meta = json.loads((out / EXPORT_META).read_text())
     manifest_path = run_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
@@ -641,8 +634,7 @@ def model_card(run_dir: Path, cfg: Config, out: Path, repo_id: str | None) -> st
 
     lines += ["## Prompt format", ""]
     try:
-        from .model import load_tokenizer
-
+        from medcot.model.load import load_tokenizer
         prompt = PromptFormatter(load_tokenizer(str(run_dir / "adapter")), p).prompt("{question}")
     except FileNotFoundError:
         prompt = None

@@ -20,8 +20,9 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import PromptArgs
-from .data import Record
+from medcot.config import PromptArgs
+from medcot.data.rows import Record
+from medcot.errors import ConfigError
 
 IGNORE_INDEX = -100  # label value that the loss skips (PyTorch / transformers convention)
 
@@ -80,12 +81,12 @@ class PromptFormatter:
         self.tokenizer = tokenizer
         self.args = args
         if tokenizer.eos_token_id is None:
-            raise ValueError("The tokenizer has no EOS token; set one so the model learns where an answer ends")
+            raise ConfigError("The tokenizer has no EOS token; set one so the model learns where an answer ends")
         if args.template == "seed":
             self._user_template = SEED_TEMPLATE
         elif args.template == "chat":
             if not tokenizer.chat_template:
-                raise ValueError("prompt.template='chat' but the tokenizer has no chat template; use 'seed'")
+                raise ConfigError("prompt.template='chat' but the tokenizer has no chat template; use 'seed'")
             self._user_template = None
             self._turn_end = self._chat_turn_end()
         else:
@@ -96,7 +97,7 @@ class PromptFormatter:
                 )
             text = path.read_text(encoding="utf-8")
             if "{question}" not in text:
-                raise ValueError(f"{path}: a template file must contain the placeholder {{question}}")
+                raise ConfigError(f"{path}: a template file must contain the placeholder {{question}}")
             self._user_template = text
 
     # -- text ------------------------------------------------------------------------------------
@@ -130,7 +131,7 @@ class PromptFormatter:
         msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _SENTINEL}]
         rendered = self.tokenizer.apply_chat_template(msgs, tokenize=False)
         if _SENTINEL not in rendered:
-            raise ValueError("The chat template drops assistant content; use prompt.template='seed'")
+            raise ConfigError("The chat template drops assistant content; use prompt.template='seed'")
         after = rendered.split(_SENTINEL, 1)[1]
         eos = self.tokenizer.eos_token
         return after[: after.index(eos) + len(eos)] if eos in after else after

@@ -13,6 +13,8 @@ import logging
 import os
 from pathlib import Path
 
+from medcot.errors import SetupError
+
 log = logging.getLogger(__name__)
 
 
@@ -27,7 +29,7 @@ class Tracker:
         if report_to in ("auto", "wandb"):
             if importlib.util.find_spec("wandb") is None:
                 if report_to == "wandb":
-                    raise RuntimeError("train.report_to=wandb but wandb is not installed: pip install 'medcot[track]'")
+                    raise SetupError("train.report_to=wandb but wandb is not installed: pip install 'medcot[track]'")
                 log.warning("wandb is not installed; metrics go to metrics.jsonl only (pip install 'medcot[track]')")
             else:
                 import wandb
