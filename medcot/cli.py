@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from medcot.config import config_help, load_config
+from medcot.config import config_help, load_config, option_help, summary
 from medcot.errors import ConfigError, Interrupted, MedcotError
 
 log = logging.getLogger("medcot")
@@ -29,6 +29,7 @@ EPILOG = "Override any config key with section.key=value, e.g. train.max_steps=2
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML config file (default: built-in defaults = embedded demo model)")
+    p.add_argument("--verbose", "-v", action="store_true", help="print the whole resolved config first")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
@@ -43,10 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune with LoRA/QLoRA and write a run folder", epilog=EPILOG)
     _add_config_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--stage", choices=["sft", "pretrain", "pretrain+sft"],
-                   help="= train.stage: chain-of-thought SFT, continued pre-training (pretrain.*), or both in one run")
-    p.add_argument("--report-to", choices=["auto", "wandb", "tensorboard", "none"], help="= train.report_to")
-    p.add_argument("--skip-bad-rows", action="store_true", help="= data.skip_bad_rows=true")
+    p.add_argument("--stage", **option_help("train.stage"))
+    p.add_argument("--report-to", **option_help("train.report_to"))
+    p.add_argument("--skip-bad-rows", action="store_true", help=option_help("data.skip_bad_rows")["help"])
 
     p = sub.add_parser("ask", help="stream one answer, reasoning shown apart", epilog=EPILOG)
     p.add_argument("question")
@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible API + chat page, reasoning apart (docs/serve.md)",
                        epilog=EPILOG + ". Non-loopback hosts need MEDCOT_API_KEY.")
     p.add_argument("--adapter", metavar="RUN_DIR", help="a run folder (or adapter folder) from medcot train")
-    p.add_argument("--host", help="= serve.host (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="= serve.port (default 8000)")
+    p.add_argument("--host", help=option_help("serve.host")["help"])
+    p.add_argument("--port", type=int, help=option_help("serve.port")["help"])
     _add_config_args(p)
 
     p = sub.add_parser("doctor", help="check this machine against a config: GPU, bf16, bitsandbytes, versions, disk",
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score base and/or adapter on medical benchmarks; report with chart", epilog=EPILOG)
     p.add_argument("--adapter", metavar="RUN_DIR", help="a run folder (or adapter folder) from medcot train")
     p.add_argument("--compare", action="store_true", help="also run the base model on the same items (needs --adapter)")
-    p.add_argument("--limit", type=int, metavar="N", help="= eval.limit (items per benchmark)")
+    p.add_argument("--limit", type=int, metavar="N", help=option_help("eval.limit")["help"])
     p.add_argument("--overlap-only", action="store_true", help="only the contamination check; no model is loaded")
     p.add_argument("--fresh", action="store_true", help="discard earlier results in eval.output_dir instead of resuming")
     _add_config_args(p)
@@ -113,21 +113,31 @@ def _config(args) -> "Config":  # noqa: F821
     return load_config(getattr(args, "config", None), overrides)
 
 
+def _show_config(cfg, verbose: bool) -> None:
+    """The whole resolved config with --verbose; else a short summary (the run folder keeps config.yaml)."""
+    if verbose:
+        log.info("resolved config:\n%s", cfg.to_yaml())
+    else:
+        log.info("%s", summary(cfg))
+
+
 def cmd_train(args) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from medcot.eval.run import evaluate_for_train
     from medcot.train.run import train
+
     if args.resume and (args.config or args.overrides or args.stage):
         raise ConfigError("--resume continues a run with its own saved config; drop --config and overrides")
     cfg = None if args.resume else _config(args)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun / accelerate launch: rank 0 speaks for the run
     if rank != 0:
         log.setLevel(logging.WARNING)
-    if cfg is not None:
-        log.info("resolved config:\n%s", cfg.to_yaml())
     from medcot.doctor import check_ready
+
     check_ready(cfg, resume=args.resume, config_name=args.config)  # fail fast, before data and model load
+    if cfg is not None:
+        _show_config(cfg, args.verbose)
     with logging_redirect_tqdm():
         result = train(cfg, resume=args.resume, evaluate=evaluate_for_train)
     if rank != 0:
@@ -198,7 +208,8 @@ def cmd_serve(args) -> int:
     if args.port:
         overrides.append(f"serve.port={args.port}")
     cfg = load_config(args.config, overrides)
-    log.info("resolved config:\n%s", cfg.to_yaml())
+    if args.verbose:
+        log.info("resolved config:\n%s", cfg.to_yaml())
     return serve(cfg, adapter=args.adapter)
 
 
@@ -249,9 +260,17 @@ def cmd_eval(args, overlap_only: bool = False) -> int:
     overrides = list(args.overrides or []) + ([f"eval.limit={args.limit}"] if getattr(args, "limit", None) else [])
     cfg = load_config(args.config, overrides)
     overlap_only = overlap_only or getattr(args, "overlap_only", False)
-    with logging_redirect_tqdm():
-        result = run_eval(cfg, adapter=args.adapter, compare=getattr(args, "compare", False),
-                          overlap_only=overlap_only, fresh=getattr(args, "fresh", False))
+    if getattr(args, "verbose", False):
+        log.info("resolved config:\n%s", cfg.to_yaml())
+    try:
+        with logging_redirect_tqdm():
+            result = run_eval(cfg, adapter=args.adapter, compare=getattr(args, "compare", False),
+                              overlap_only=overlap_only, fresh=getattr(args, "fresh", False))
+    except KeyboardInterrupt:
+        items = Path(cfg.eval.output_dir) / "items.jsonl"
+        n = sum(1 for _ in items.open()) if items.is_file() else 0
+        raise Interrupted(f"interrupted; {n} answered items are kept in {items}: run the same command again to "
+                          "resume where it stopped") from None
     print()
     print("=" * 72)
     for line in summary_lines(result.summary):

@@ -9,7 +9,10 @@ name the key, all collected and raised together.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from medcot.errors import ConfigError
 
@@ -298,75 +302,73 @@ class Config:
 # Parsing: YAML dict + overrides -> typed Config, every problem collected.
 
 
+# What a YAML scalar can be in the error messages below, by pydantic's error type.
+_EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+             "string_type": "a string", "list_type": "a list"}
+
+
+@functools.cache
+def _adapter(tp: Any) -> TypeAdapter:
+    # Strict: YAML already gives real ints, floats and bools, so "2.5" for an int or 1 for a bool is a
+    # mistake to report, not a value to convert.
+    return TypeAdapter(tp, config=ConfigDict(strict=True))
+
+
+def _yaml_scalar(value: Any, tp: Any) -> Any:
+    """Undo what YAML 1.1 (PyYAML) does to values typed on a command line or in a file.
+
+    A bare on/off reads as a bool, 1e-5 (no dot) as a string, a run name like 2024 as an int, and a
+    comma-separated override (`eval.benchmarks=medqa,pubmedqa`) as one string.
+    """
+    args = set(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else {tp}
+    if isinstance(value, bool) and any(typing.get_origin(a) is Literal and {"on", "off"} <= set(typing.get_args(a))
+                                       for a in args):
+        return "on" if value else "off"
+    if isinstance(value, str) and any(typing.get_origin(a) is list for a in args):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, str) and float in args:
+        with contextlib.suppress(ValueError):
+            return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and str in args:
+        return str(value)
+    return value
+
+
 def _check_value(key: str, value: Any, tp: Any) -> tuple[Any, str | None]:
-    """Return (value coerced to `tp`, error or None)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None, None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            v, err = _check_value(key, value, a)
-            if err is None:
-                return v, None
-            errors.append(err)
-        return value, errors[0]
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if isinstance(value, bool) and {"on", "off"} <= set(choices):
-            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
-        if value in choices:
-            return value, None
-        return value, f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}"
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            return value, f"{key}: expected a list, got {value!r}"
-        out = []
-        for i, v in enumerate(value):
-            v, err = _check_value(f"{key}[{i}]", v, inner)
-            if err:
-                return value, err
-            out.append(v)
-        return out, None
-    if tp is bool:
-        if isinstance(value, bool):
-            return value, None
-        return value, f"{key}: expected true or false, got {value!r}"
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value, None
-        return value, f"{key}: expected an integer, got {value!r}"
-    if tp is float:
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-5, without a dot, as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value), None
-        return value, f"{key}: expected a number, got {value!r}"
-    if tp is str:
-        if isinstance(value, str):
-            return value, None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value), None
-        return value, f"{key}: expected a string, got {value!r}"
-    raise TypeError(f"unsupported config type {tp} for {key}")  # internal: a field type we forgot
+    """Return (value typed as `tp`, None) or (value, the error naming the key)."""
+    try:
+        return _adapter(tp).validate_python(_yaml_scalar(value, tp)), None
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = key + "".join(f"[{i}]" for i in err["loc"] if isinstance(i, int))
+        if err["type"] == "literal_error":
+            return value, f"{where}: {err['input']!r} is not one of {', '.join(map(repr, _choices(tp)))}"
+        return value, f"{where}: expected {_EXPECTED.get(err['type'], err['msg'])}, got {err['input']!r}"
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str, errors: list[str]) -> Any:
+def _choices(tp: Any) -> tuple:
+    """The values a Literal field (or an optional Literal field) allows."""
+    for a in (typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)):
+        if typing.get_origin(a) is Literal:
+            return typing.get_args(a)
+    return ()
+
+
+def _unknown(key: str, known: list[str], origin: str) -> str:
+    guess = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f"did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{guess[0]}? " if guess else ""
+    return f"{key}: unknown key{origin}; {hint}(known: {', '.join(sorted(known))})"
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, errors: list[str], from_cli: set[str] = frozenset(),
+           path: Path | None = None) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            errors.append(f"{prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
+            origin = " (command-line override)" if f"{prefix}{key}" in from_cli else (f" (in {path})" if path else "")
+            errors.append(_unknown(f"{prefix}{key}", names, origin))
     for f in dataclasses.fields(cls):
         if f.name not in data:
             continue
@@ -376,7 +378,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, errors: list[str]) -> A
             if not isinstance(sub, dict):
                 errors.append(f"{prefix}{f.name}: expected a section (mapping), got {sub!r}")
                 continue
-            kwargs[f.name] = _build(tp, sub, f"{prefix}{f.name}.", errors)
+            kwargs[f.name] = _build(tp, sub, f"{prefix}{f.name}.", errors, from_cli, path)
         else:
             value, err = _check_value(f"{prefix}{f.name}", data[f.name], tp)
             if err:
@@ -501,8 +503,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
     errors: list[str] = []
+    from_cli = set()
     for text in overrides:
         keys, value = parse_override(text)
+        from_cli.add(".".join(keys))
         node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})
@@ -511,13 +515,39 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
                 break
         else:
             node[keys[-1]] = value
-    cfg = _build(Config, data, "", errors)
+    cfg = _build(Config, data, "", errors, from_cli, path)
     if not errors:
         _validate(cfg, errors)
     if errors:
         where = f" in {path}" if path else ""
         raise ConfigError(f"Config{where} is not valid:\n  - " + "\n  - ".join(errors))
     return cfg
+
+
+def config_field(key: str) -> tuple[dataclasses.Field, Any]:
+    """The dataclass field and type behind `section.key` (the CLI builds its options' help and choices from it)."""
+    section, name = key.split(".")
+    cls = typing.get_type_hints(Config)[section]
+    field_ = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return field_, typing.get_type_hints(cls)[name]
+
+
+def option_help(key: str) -> dict[str, Any]:
+    """`help` and `choices` for a command-line option that stands for the config key `section.key`."""
+    f, tp = config_field(key)
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return {"help": f"= {key}: {f.metadata['help']} (default {default!r})", "choices": _choices(tp) or None}
+
+
+def summary(cfg: Config) -> str:
+    """A few lines on what a command will run (the full resolved config goes to the run folder, or --verbose)."""
+    m, t = cfg.model, cfg.train
+    return "\n".join([
+        f"model   {m.name_or_path} (quantization {m.quantization}, dtype {m.dtype}, device {m.device})",
+        f"data    {cfg.data.source}" + (f" ({cfg.data.num_samples} rows sampled)" if cfg.data.num_samples else ""),
+        f"train   stage {t.stage}, {t.max_steps} steps x {t.per_device_batch_size * t.gradient_accumulation_steps} rows,"
+        f" lr {t.learning_rate:g}, LoRA r={cfg.lora.r}, into {t.output_dir}/",
+    ])
 
 
 def config_help() -> str:

