@@ -68,6 +68,44 @@ def test_precedence_default_then_yaml_then_override(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("typo", "suggestion"),
+    [("train.lerning_rate=1e-4", "did you mean train.learning_rate?"),
+     ("model.quantisation=4bit", "did you mean model.quantization?"),
+     ("generate.max_new_token=5", "did you mean generate.max_new_tokens?")],
+)
+def test_a_mistyped_override_is_blamed_on_the_command_line_with_a_suggestion(tmp_path, typo, suggestion):
+    msg = _config_error(_write_yaml(tmp_path, {"train": {"max_steps": 3}}), [typo])
+    assert suggestion in msg and "(command-line override)" in msg
+    assert f"in {tmp_path / 'cfg.yaml'})" not in msg  # the file is not what is wrong
+
+
+def test_a_mistyped_key_in_the_file_is_blamed_on_the_file(tmp_path):
+    msg = _config_error(_write_yaml(tmp_path, {"train": {"warmup_step": 3}}))
+    assert f"train.warmup_step: unknown key (in {tmp_path / 'cfg.yaml'}); did you mean train.warmup_steps?" in msg
+
+
+def test_nothing_is_suggested_for_a_key_like_no_other(tmp_path):
+    msg = _config_error(None, ["train.zzzzqqq=1"])
+    assert "train.zzzzqqq: unknown key (command-line override); (known:" in msg and "did you mean" not in msg
+
+
+def test_command_line_options_take_choices_and_help_from_the_config():
+    """--stage, --report-to, ... are the config keys: their choices and defaults come from the dataclasses."""
+    import typing
+
+    from medcot.cli import build_parser
+    from medcot.config import TrainArgs, option_help
+
+    stage = typing.get_args(typing.get_type_hints(TrainArgs)["stage"])
+    assert option_help("train.stage")["choices"] == stage
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    by_flag = {a.option_strings[0]: a for a in train._actions if a.option_strings}
+    assert tuple(by_flag["--stage"].choices) == stage
+    assert tuple(by_flag["--report-to"].choices) == typing.get_args(typing.get_type_hints(TrainArgs)["report_to"])
+    assert "(default 'sft')" in by_flag["--stage"].help and "train.stage" in by_flag["--stage"].help
+
+
+@pytest.mark.parametrize(
     ("override", "section", "key", "expected"),
     [
         ("train.learning_rate=1e-5", "train", "learning_rate", 1e-5),  # YAML 1.1 reads this as a string
@@ -205,6 +243,15 @@ def test_every_shipped_config_loads_and_says_how_to_run_it(path):
     load_config(path)
     head = path.read_text().splitlines()[:8]
     assert any(re.search(rf"medcot (train|eval) --config configs/{re.escape(path.name)}", line) for line in head), "no run command in the header"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_configs_state_only_what_differs_from_the_defaults(path):
+    """Defaults live in config.py alone: a shipped YAML that repeats one would drift when it changes."""
+    defaults = Config().to_dict()
+    repeated = [f"{section}.{key}" for section, values in yaml.safe_load(path.read_text()).items()
+                for key, value in values.items() if defaults[section][key] == value]
+    assert not repeated, f"{path.name} repeats built-in defaults: {repeated}"
 
 
 def test_seed_recipe_config_matches_the_recipe():

@@ -76,9 +76,13 @@ def stream(model, tokenizer, prompt: list[int], args: GenerateArgs, stop_event: 
         TextIteratorStreamer,
     )
 
+    # Our own event when the caller gave none: a consumer that stops reading (Ctrl-C, an exception)
+    # must also stop the generating thread, or the interpreter aborts at exit while torch still runs in it.
+    stop_event = stop_event or threading.Event()
+
     class _Stop(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return bool(stop_event is not None and stop_event.is_set())
+            return stop_event.is_set()
 
     device = next(model.parameters()).device
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -105,9 +109,12 @@ def stream(model, tokenizer, prompt: list[int], args: GenerateArgs, stop_event: 
 
     thread = threading.Thread(target=_run, daemon=True)
     thread.start()
-    for piece in streamer:
-        if piece:
-            yield piece
-    thread.join()
+    try:
+        for piece in streamer:
+            if piece:
+                yield piece
+    finally:
+        stop_event.set()
+        thread.join()
     if errors:
         raise errors[0]
