@@ -8,12 +8,12 @@ of work per prompt) pass `--fixed-length`: EOS is then suppressed until `max_new
 (`min_new_tokens = max_new_tokens`), so every mode generates exactly prompts x max_new_tokens.
 
     # CPU, embedded SmolLM2-135M, about 2 minutes on 2 cores
-    python bench/eval_throughput.py --model embedded --num-prompts 8 --max-new-tokens 32 --batch-sizes 1,8
+    python -m bench.eval_throughput --model embedded --num-prompts 8 --max-new-tokens 32 --batch-sizes 1,8
     # CUDA, the 8B architecture with random bf16 weights built on the GPU (no download, no files)
-    python bench/eval_throughput.py --model random:llama-3.1-8b --dtype bf16 --num-prompts 32 \\
-        --max-new-tokens 128 --batch-sizes 1,8,32 --fixed-length --out bench/results/eval_throughput_h100.json
+    python -m bench.eval_throughput --model random:llama-3.1-8b --dtype bf16 --num-prompts 32 \\
+        --max-new-tokens 128 --batch-sizes 1,8,32 --fixed-length --out docs/results/DATE_h100_eval_throughput_bf16.json
     # or a local model folder (e.g. random weights saved with save_pretrained)
-    python bench/eval_throughput.py --model /path/to/llama-8b-random --dtype bf16 --fixed-length ...
+    python -m bench.eval_throughput --model /path/to/llama-8b-random --dtype bf16 --fixed-length ...
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def eval_prompts(tokenizer, n: int, source: str) -> list[list[int]]:
     from medcot.data.prompts import PromptFormatter
     from medcot.eval.tasks import TASKS
     formatter = PromptFormatter(tokenizer, PromptArgs())
-    pools = [[(t, it) for it in t.load(source)] for t in TASKS.values()]
+    pools = [[(t, it) for it in t.load(source)] for t in TASKS.values() if source != "embedded" or t.shipped]
     picked = [pools[i % len(pools)][i // len(pools)] for i in range(n)]
     prompts = [formatter.encode_prompt(t.render(it)) for t, it in picked]
     return sorted(prompts, key=len, reverse=True)

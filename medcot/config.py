@@ -136,9 +136,11 @@ class PretrainArgs:
 class TrainArgs:
     """The supervised fine-tune."""
 
-    stage: Literal["sft", "pretrain", "pretrain+sft"] = _help(
+    stage: Literal["sft", "pretrain", "pretrain+sft", "grpo", "sft+grpo"] = _help(
         "'sft': chain-of-thought fine-tune; 'pretrain': continued pre-training on pretrain.source; 'pretrain+sft': "
-        "both in one run folder, the SFT stage starting from the base with the pre-training adapter merged in.",
+        "both in one run folder, the SFT stage starting from the base with the pre-training adapter merged in; "
+        "'grpo': reinforcement learning with verifiable rewards on grpo.source (docs/grpo.md); 'sft+grpo': SFT, "
+        "then GRPO from the base with the SFT adapter merged in.",
         "sft",
     )
 
@@ -197,6 +199,85 @@ class TrainArgs:
     )
     wandb_project: str = _help("W&B project name.", "medcot")
     sample_questions: int = _help("Held-out questions answered before and after training.", 3)
+    sample_thinking_budget: int = _help(
+        "Reasoning tokens of each before/after sample answer; where the model has not closed its reasoning by "
+        "then, '</think>' is appended and the answer generated (the thinking budget eval uses).",
+        256,
+    )
+    sample_answer_tokens: int = _help("Tokens for the final answer of each sample answer, after its reasoning.", 64)
+
+
+@dataclass
+class GrpoArgs:
+    """Reinforcement learning with verifiable rewards (train.stage=grpo or sft+grpo; docs/grpo.md)."""
+
+    source: str | None = _help(
+        "Questions with a known answer: a .jsonl file in the eval item format ({id, question, options, answer}, e.g. "
+        "../shared/data/dev_pools/normalized/medqa_usmle_4opt_dev.jsonl) or a hub dataset id (rows mapped by grpo.task).",
+        None,
+    )
+    task: Literal["auto", "medqa", "medmcqa", "pubmedqa", "mmlu_medical"] = _help(
+        "The benchmark whose item format, prompt and answer extractor the items use. 'auto': from the file's "
+        "'benchmark' field (files only).",
+        "auto",
+    )
+    hub_config: str | None = _help("Hub dataset config name.", None)
+    split: str = _help("Hub dataset split.", "train")
+    num_samples: int | None = _help("Use this many items, sampled with train.seed (null: all).", None)
+    val_size: int = _help(
+        "Items held out (never trained on): greedy accuracy and format before and after, and the report's answers.", 16
+    )
+    exclude_overlap: bool = _help(
+        "Drop the items that overlap the configured eval benchmarks (eval.benchmarks from eval.source, the eval.overlap_* "
+        "n-gram check) instead of refusing to start.",
+        False,
+    )
+    max_steps: int = _help("GRPO steps (batch shape: grpo.prompts_per_step x grpo.num_generations completions).", 100)
+    learning_rate: float = _help("Peak learning rate of the GRPO stage (schedule and warm-up from train.*).", 1e-5)
+    prompts_per_step: int = _help("Prompts per step; each gets grpo.num_generations sampled completions.", 8)
+    num_generations: int = _help("Completions per prompt (the group k); advantages are normalised within the group.", 8)
+    iterations: int = _help(
+        "Optimizer updates on each step's completions (GRPO's mu). With 1 the ratio to the sampling policy is 1 and "
+        "nothing is clipped; above 1 the clipped ratio keeps the later updates near the policy that sampled.",
+        1,
+    )
+    temperature: float = _help("Sampling temperature of the completions.", 1.0)
+    top_p: float = _help("Nucleus sampling mass of the completions.", 1.0)
+    thinking_budget: int | None = _help(
+        "Reasoning tokens per completion before '</think>' is forced and the answer generated, as eval does (the "
+        "forced tag is not trained on); null: one pass of generate.max_new_tokens, no forcing.",
+        448,
+    )
+    answer_tokens: int = _help("Tokens for the answer after the reasoning (with grpo.thinking_budget).", 64)
+    beta: float = _help(
+        "Weight of the KL penalty to the reference (the model with the adapter disabled); 0 skips the reference forward.",
+        0.04,
+    )
+    epsilon: float = _help("Clip range of the probability ratio: [1 - epsilon, 1 + epsilon_high].", 0.2)
+    epsilon_high: float | None = _help("Upper clip (DAPO's clip-higher uses 0.28); null: the same as grpo.epsilon.", None)
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = _help(
+        "How token losses add up over a step: 'grpo' averages each completion over its tokens, then over completions "
+        "(long completions weigh less per token); 'dapo' averages over all tokens of the step; 'dr_grpo' sums and "
+        "divides by completions x the longest allowed completion (Dr. GRPO: no length bias).",
+        "grpo",
+    )
+    scale_rewards: bool = _help(
+        "Divide each group's centred rewards by their standard deviation (GRPO); false centres only (Dr. GRPO).", True
+    )
+    dynamic_sampling: bool = _help(
+        "DAPO's dynamic sampling: groups whose completions all scored the same (no learning signal) are dropped and "
+        "replaced by groups for further prompts, up to grpo.max_resample extra rounds per step.",
+        False,
+    )
+    max_resample: int = _help("With dynamic_sampling: extra rounds of prompts_per_step prompts per step at most.", 2)
+    reward_correct: float = _help("Weight of the correctness reward (1 when eval's extractor finds the right answer).", 1.0)
+    reward_format: float = _help(
+        "Weight of the format reward (0.5 for closing the reasoning itself, 0.5 for one answer stated after it).", 0.5
+    )
+    reward_length: float = _help(
+        "Weight of DAPO's soft overlong penalty (0 down to -1 over the last grpo.length_cache tokens allowed); 0: off.", 0.0
+    )
+    length_cache: int = _help("Tokens before the completion limit where the length penalty starts.", 64)
 
 
 @dataclass
@@ -215,18 +296,43 @@ EVAL_BENCHMARKS = ["medqa", "medmcqa", "pubmedqa", "mmlu_medical"]
 
 @dataclass
 class EvalArgs:
-    """Generative medical benchmarks (`medcot eval`, and train's optional before/after eval)."""
+    """Medical benchmarks (`medcot eval`, and train's optional before/after eval; docs/eval.md)."""
+
+    # Every benchmark `medcot eval` knows; the default runs the four with a shipped sample (GPQA is gated
+    # and never shipped; MMLU-Pro is opt-in). Kept here so validation needs no import from medcot.eval.
+    ALL_BENCHMARKS: typing.ClassVar[tuple[str, ...]] = (
+        "medqa", "medmcqa", "pubmedqa", "mmlu_medical", "mmlu_pro_medical", "gpqa_medical")
 
     benchmarks: list[str] = _help(
-        "Benchmarks to run: medqa, medmcqa, pubmedqa, mmlu_medical.", default_factory=lambda: list(EVAL_BENCHMARKS)
+        "Benchmarks to run: medqa, medmcqa, pubmedqa, mmlu_medical, mmlu_pro_medical, gpqa_medical (gated: "
+        "a local folder or the hub with HF_TOKEN).",
+        default_factory=lambda: list(EVAL_BENCHMARKS),
     )
+    protocol: Literal["medcot", "huatuo", "loglik"] = _help(
+        "'medcot': the training prompt, thinking budget, generate.* decoding, strict extraction; 'huatuo': "
+        "HuatuoGPT-o1's published evaluation (chat template, its prompt, temperature 0.5, top_p 0.9, its scorer); "
+        "'loglik': lm-evaluation-harness-style log-likelihood of the option letters, no generation.",
+        "medcot",
+    )
+    samples: int = _help(
+        "Answers sampled per item (> 1 needs sampling: generate.temperature > 0, or protocol huatuo): the "
+        "report gives the majority vote, pass@k and the mean accuracy per sample.",
+        1,
+    )
+    huatuo_max_new_tokens: int = _help("Tokens per answer under protocol huatuo (its eval.py default: 2000).", 2000)
     source: str = _help(
-        "'embedded' (the shipped 25-item sample per benchmark), 'hub' (each benchmark's hub dataset), or a folder "
-        "of normalized <benchmark>*.jsonl files (e.g. ../shared/data/eval/normalized).",
+        "'embedded' (the shipped 25-item sample per benchmark; none for GPQA), 'hub' (each benchmark's hub dataset), "
+        "or a folder of normalized <benchmark>*.jsonl files (e.g. ../shared/data/eval/normalized).",
         "embedded",
     )
-    limit: int | None = _help("Items per benchmark, taken in file order (null: all).", None)
-    batch_size: int = _help("Prompts generated together in eval (left-padded, KV cache); generate.* sets sampling.", 16)
+    limit: int | None = _help(
+        "Items per benchmark, spread evenly over each file (files are sorted by subject or split; null: all).", None
+    )
+    batch_size: int = _help(
+        "Prompts generated together in eval (protocol loglik: option sequences scored together); generate.* sets "
+        "sampling under protocol medcot.",
+        16,
+    )
     thinking_budget: int | None = _help(
         "Reasoning tokens before '</think>' is forced and the answer generated (null: one pass of "
         "generate.max_new_tokens, no forcing).",
@@ -259,12 +365,23 @@ class ServeArgs:
     max_prompt_tokens: int = _help("Longest prompt in tokens, whole conversation included (400 above).", 4096)
     max_body_bytes: int = _help("Largest request body in bytes (413 above).", 1_048_576)
     request_timeout_s: float = _help(
-        "A request still generating after this many seconds ends cleanly (finish_reason 'length'); one still "
-        "waiting for a slot gets 503.",
+        "Deadline of a request, queueing included: past it the answer is 503 (a started stream ends with an "
+        "error event and [DONE]), never a cut-short 200.",
         300.0,
     )
     cors_origins: list[str] = _help("Origins allowed to call the API from a browser page (empty: CORS off).",
                                     default_factory=list)
+    thinking_budget: int | None = _help(
+        "Reasoning tokens per request before '</think>' is forced and the answer generated, so every answer has "
+        "content (requests set max_thinking_tokens or reasoning_effort; null: no forcing).",
+        512,
+    )
+    answer_tokens: int = _help("Tokens for the answer after a forced '</think>' (kept free within max_tokens).", 128)
+    drain_timeout_s: float = _help(
+        "On SIGTERM or Ctrl-C: running requests get this long to finish (new ones get 503) before open streams "
+        "end with an error event; keep it below the orchestrator's kill timeout (Kubernetes: 30 s).",
+        20.0,
+    )
 
 
 def _validate_serve(s: ServeArgs, errors: list[str]) -> None:
@@ -277,6 +394,12 @@ def _validate_serve(s: ServeArgs, errors: list[str]) -> None:
         errors.append(f"serve.port: must be in 1..65535, got {s.port}")
     if s.request_timeout_s <= 0:
         errors.append(f"serve.request_timeout_s: must be > 0, got {s.request_timeout_s}")
+    if s.thinking_budget is not None and s.thinking_budget < 0:
+        errors.append(f"serve.thinking_budget: must be >= 0 (0: answer at once) or null (off), got {s.thinking_budget}")
+    if s.answer_tokens <= 0:
+        errors.append(f"serve.answer_tokens: must be > 0, got {s.answer_tokens}")
+    if s.drain_timeout_s < 0:
+        errors.append(f"serve.drain_timeout_s: must be >= 0, got {s.drain_timeout_s}")
 
 
 @dataclass
@@ -287,6 +410,7 @@ class Config:
     prompt: PromptArgs = field(default_factory=PromptArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     pretrain: PretrainArgs = field(default_factory=PretrainArgs)
+    grpo: GrpoArgs = field(default_factory=GrpoArgs)
     generate: GenerateArgs = field(default_factory=GenerateArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
     serve: ServeArgs = field(default_factory=ServeArgs)
@@ -404,6 +528,8 @@ def _validate(cfg: Config, errors: list[str]) -> None:
         "train.max_steps": cfg.train.max_steps,
         "train.logging_steps": cfg.train.logging_steps,
         "train.micro_batch_tokens": cfg.train.micro_batch_tokens,
+        "train.sample_thinking_budget": cfg.train.sample_thinking_budget,
+        "train.sample_answer_tokens": cfg.train.sample_answer_tokens,
         "lora.r": cfg.lora.r,
         "generate.max_new_tokens": cfg.generate.max_new_tokens,
         "generate.batch_size": cfg.generate.batch_size,
@@ -448,6 +574,7 @@ def _validate(cfg: Config, errors: list[str]) -> None:
     if cfg.model.device not in ("auto", "cpu", "cuda") and not cfg.model.device.startswith("cuda:"):
         errors.append(f"model.device: {cfg.model.device!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
     _validate_eval(cfg.eval, errors)
+    _validate_grpo(cfg, errors)
     _validate_serve(cfg.serve, errors)
 
 
@@ -469,19 +596,55 @@ def _validate_world(t: TrainArgs, errors: list[str]) -> None:
         )
 
 
+def _validate_grpo(cfg: Config, errors: list[str]) -> None:
+    g = cfg.grpo
+    if cfg.train.stage in ("grpo", "sft+grpo") and not g.source:
+        errors.append("grpo.source: train.stage=" + cfg.train.stage + " needs questions with known answers: a .jsonl "
+                      "file in the eval item format or a hub dataset id")
+    for key in ("max_steps", "prompts_per_step", "iterations", "answer_tokens", "length_cache", "thinking_budget",
+                "num_samples"):
+        v = getattr(g, key)
+        if v is not None and v <= 0:
+            errors.append(f"grpo.{key}: must be > 0{' or null' if key in ('thinking_budget', 'num_samples') else ''}, got {v}")
+    for key in ("val_size", "max_resample", "beta"):
+        if getattr(g, key) < 0:
+            errors.append(f"grpo.{key}: must be >= 0, got {getattr(g, key)}")
+    if g.num_generations < 2:
+        errors.append(f"grpo.num_generations: must be >= 2 (advantages compare completions of one prompt), got "
+                      f"{g.num_generations}")
+    if not 0 < g.learning_rate < 1:
+        errors.append(f"grpo.learning_rate: must be in (0, 1), got {g.learning_rate}")
+    if g.temperature <= 0:
+        errors.append(f"grpo.temperature: must be > 0 (greedy completions of one prompt are all the same), got {g.temperature}")
+    if not 0 < g.top_p <= 1:
+        errors.append(f"grpo.top_p: must be in (0, 1], got {g.top_p}")
+    if not 0 < g.epsilon < 1:
+        errors.append(f"grpo.epsilon: must be in (0, 1), got {g.epsilon}")
+    if g.epsilon_high is not None and g.epsilon_high < g.epsilon:
+        errors.append(f"grpo.epsilon_high: must be >= grpo.epsilon ({g.epsilon}) or null, got {g.epsilon_high}")
+    if not any((g.reward_correct, g.reward_format, g.reward_length)):
+        errors.append("grpo.reward_correct, reward_format, reward_length: at least one weight must be non-zero")
+    limit = g.thinking_budget + g.answer_tokens if g.thinking_budget else cfg.generate.max_new_tokens
+    if g.reward_length and g.length_cache >= limit:
+        errors.append(f"grpo.length_cache: must be below the completion limit ({limit} tokens), got {g.length_cache}")
+
+
 def _validate_eval(e: EvalArgs, errors: list[str]) -> None:
-    unknown = [b for b in e.benchmarks if b not in EVAL_BENCHMARKS]
+    unknown = [b for b in e.benchmarks if b not in EvalArgs.ALL_BENCHMARKS]
     if unknown or not e.benchmarks:
-        errors.append(f"eval.benchmarks: {unknown or '[]'} not among {', '.join(EVAL_BENCHMARKS)}")
+        errors.append(f"eval.benchmarks: {unknown or '[]'} not among {', '.join(EvalArgs.ALL_BENCHMARKS)}")
     for key, v in {"eval.batch_size": e.batch_size, "eval.answer_tokens": e.answer_tokens,
                    "eval.overlap_ngram": e.overlap_ngram, "eval.limit": e.limit,
-                   "eval.thinking_budget": e.thinking_budget}.items():
+                   "eval.thinking_budget": e.thinking_budget, "eval.samples": e.samples,
+                   "eval.huatuo_max_new_tokens": e.huatuo_max_new_tokens}.items():
         if v is not None and v <= 0:
             errors.append(f"{key}: must be > 0{' or null' if key in ('eval.limit', 'eval.thinking_budget') else ''}, got {v}")
     if e.train_eval_limit < 0:
         errors.append(f"eval.train_eval_limit: must be >= 0 (0 turns it off), got {e.train_eval_limit}")
     if not 0 < e.overlap_threshold <= 1:
         errors.append(f"eval.overlap_threshold: must be in (0, 1], got {e.overlap_threshold}")
+    if e.protocol == "loglik" and e.samples > 1:
+        errors.append(f"eval.samples: protocol loglik scores every option once, nothing is sampled; got {e.samples}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -68,7 +68,10 @@ class Score:
 
 
 def score(records: list[dict], chance: float) -> Score:
-    """Aggregate per-item records (dicts with `correct`, `extracted`, `answer`, `num_tokens`, `closed`)."""
+    """Aggregate per-item records (dicts with `correct`, `extracted`, `answer`, `num_tokens`, `closed`).
+
+    With several samples per item a record's verdict is their majority vote (consistency.py).
+    """
     n = len(records)
     gold = Counter(r["answer"] for r in records).most_common(1)
     preds = Counter(r["extracted"] for r in records if r["extracted"] is not None).most_common(1)
@@ -79,7 +82,7 @@ def score(records: list[dict], chance: float) -> Score:
         n=n, correct=correct, accuracy=correct / n if n else 0.0, ci_low=lo, ci_high=hi,
         unparseable=unparseable, unparseable_rate=unparseable / n if n else 0.0,
         mean_output_tokens=sum(r["num_tokens"] for r in records) / n if n else 0.0,
-        closed_rate=sum(bool(r["closed"]) for r in records) / n if n else 0.0,
+        closed_rate=sum(float(r["closed"]) for r in records) / n if n else 0.0,  # with samples: a share per item
         chance=chance,
         majority=gold[0][1] / n if gold else 0.0,
         top_prediction=preds[0][0] if preds else None,

@@ -45,16 +45,19 @@ class TrainingIndex:
     """Word n-grams of the training questions, each mapped to the first row it occurs in."""
 
     n: int
-    grams: dict[int, int]  # hash of the n-gram -> 0-based index of the first training question with it
-    joined: str  # every normalized question, " | "-separated, for the short-stem substring test
-    starts: list[int]  # offset of each question in `joined`
-    num_questions: int
+    grams: dict[int, int] = field(repr=False)  # hash of the n-gram -> row of the first training question with it
+    joined: str = field(repr=False)  # every normalized question, " | "-separated, for the short-stem substring test
+    starts: list[int] = field(repr=False)  # offset of each question in `joined`
+    rows: list[int] = field(repr=False)  # 1-based source row of each question (as every other message counts rows)
+    num_questions: int = 0
 
 
-def build_index(questions: list[str], n: int) -> TrainingIndex:
+def build_index(questions: list[str], n: int, rows: list[int] | None = None) -> TrainingIndex:
+    """Index the training questions; `rows`: each one's 1-based row in its file (default: 1, 2, ...)."""
+    rows = list(rows) if rows is not None else list(range(1, len(questions) + 1))
     grams: dict[int, int] = {}
     parts, starts, pos = [], [], 0
-    for row, q in enumerate(questions):
+    for row, q in zip(rows, questions):
         w = _words(q)
         for i in range(len(w) - n + 1):
             grams.setdefault(hash(" ".join(w[i : i + n])), row)
@@ -62,14 +65,15 @@ def build_index(questions: list[str], n: int) -> TrainingIndex:
         starts.append(pos)
         parts.append(text)
         pos += len(text)
-    return TrainingIndex(n=n, grams=grams, joined="".join(parts), starts=starts, num_questions=len(questions))
+    return TrainingIndex(n=n, grams=grams, joined="".join(parts), starts=starts, rows=rows,
+                         num_questions=len(questions))
 
 
 @dataclass
 class ItemOverlap:
     id: str
     score: float  # fraction of the stem found in the training questions (see the module docstring)
-    train_row: int | None  # 0-based training question sharing the most with it (None: no overlap)
+    train_row: int | None  # 1-based row of the training question sharing the most with it (None: no overlap)
 
 
 def item_overlap(question: str, index: TrainingIndex) -> ItemOverlap:
@@ -85,7 +89,7 @@ def item_overlap(question: str, index: TrainingIndex) -> ItemOverlap:
     if at < 0:
         return ItemOverlap(id="", score=0.0, train_row=None)
 
-    return ItemOverlap(id="", score=1.0, train_row=bisect.bisect_right(index.starts, at) - 1)
+    return ItemOverlap(id="", score=1.0, train_row=index.rows[bisect.bisect_right(index.starts, at) - 1])
 
 
 @dataclass

@@ -1,9 +1,12 @@
-"""Run an eval: items → contamination check → model → generate (thinking budget) → extract → score → report.
+"""Run an eval: items → contamination check → model → answer by the protocol → score → report.
 
     medcot eval                                              # embedded model, 25-item samples
     medcot eval --adapter runs/demo --compare                # base vs base + adapter, same items
     medcot eval eval.source=../shared/data/eval/normalized eval.limit=100
+    medcot eval eval.protocol=huatuo eval.samples=5          # HuatuoGPT-o1's evaluation, 5 samples per item
     medcot eval --overlap-only                               # the contamination report alone
+
+How an item is asked and scored is the protocol's (`eval.protocol`, medcot/eval/protocols/).
 
 Every answered item is appended to `<output_dir>/items.jsonl` as soon as its batch is done, so an
 interrupted eval, rerun with the same command, skips the items it already has (and re-reads their
@@ -25,29 +28,17 @@ from typing import Callable
 
 from medcot.config import Config, load_config
 from medcot.errors import ConfigError, DataError
-from medcot.eval import metrics, overlap
+from medcot.eval import consistency, metrics, overlap
+from medcot.eval.protocols import PROTOCOLS
 from medcot.eval.tasks import TASKS, Item, Task
-from medcot.generate.budget import generate_answers
 from medcot.io import write_atomic
 
 log = logging.getLogger(__name__)
 
+
 def answer_items(model, tokenizer, formatter, task: Task, items: list[Item], cfg: Config, tag: str) -> list[dict]:
-    """Prompt, generate, extract and score one batch of items; one record per item."""
-    e = cfg.eval
-    prompt_texts = [formatter.prompt(task.render(it)) for it in items]
-    prompt_ids = [formatter.encode_prompt(task.render(it)) for it in items]
-    answers = generate_answers(model, tokenizer, prompt_ids, cfg.generate, e.batch_size, e.thinking_budget, e.answer_tokens)
-    records = []
-    for it, prompt, ans in zip(items, prompt_texts, answers):
-        ex = task.extract(ans.text, it)
-        records.append({
-            "model": tag, "benchmark": task.name, "id": it.id, "answer": it.answer,
-            "extracted": ex.label, "method": ex.method, "correct": task.score(it, ex),
-            "num_tokens": ans.num_tokens, "closed": ans.closed, "forced": ans.forced,
-            "prompt": prompt, "output": ans.text,
-        })
-    return records
+    """Ask, answer and judge one batch of items by `eval.protocol`; one record per item."""
+    return PROTOCOLS[cfg.eval.protocol].answer(model, tokenizer, formatter, task, items, cfg, tag)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,15 +88,12 @@ class ItemStore:
 
 def _settings(cfg: Config, adapter: str | None, tag: str) -> dict:
     """What determines an item's output: a resumed eval must match these exactly."""
-    e, g = cfg.eval, cfg.generate
+    e = cfg.eval
     s = {
         "model": cfg.model.name_or_path, "revision": cfg.model.revision, "dtype": cfg.model.dtype,
-        "quantization": cfg.model.quantization, "prompt_template": cfg.prompt.template, "source": e.source,
-        "thinking_budget": e.thinking_budget, "answer_tokens": e.answer_tokens,
-        "temperature": g.temperature, "top_p": g.top_p, "seed": g.seed,
+        "quantization": cfg.model.quantization, "source": e.source, "protocol": e.protocol, "samples": e.samples,
+        **PROTOCOLS[e.protocol].settings(cfg),
     }
-    if e.thinking_budget is None:
-        s["max_new_tokens"] = g.max_new_tokens
     if tag == "adapter":
         s["adapter"] = str(Path(adapter).resolve())
     return s
@@ -153,6 +141,8 @@ def run_eval(cfg: Config, adapter: str | None = None, compare: bool = False, ove
     e = cfg.eval
     if compare and adapter is None:
         raise ConfigError("--compare runs the base model and an adapter on the same items; add --adapter RUN_DIR")
+    protocol = PROTOCOLS[e.protocol]
+    protocol.check(cfg)
     out = Path(e.output_dir)
 
     # -- Items -----------------------------------------------------------------------------------
@@ -162,7 +152,10 @@ def run_eval(cfg: Config, adapter: str | None = None, compare: bool = False, ove
 
     # -- Contamination check against the training data in use ------------------------------------
     train_cfg = _training_config(cfg, adapter)
-    train_data = _load_training_data(train_cfg)
+    train_data, train_error = _load_training_data(train_cfg)
+    if train_data is None and overlap_only:
+        raise DataError(f"the contamination check needs the training questions, and data.source="
+                        f"{train_cfg.data.source!r} could not be loaded: {train_error}")
     overlap_summary = _overlap(tasks, items, train_data, e, on_log)
     excluded = {}
     if e.exclude_overlap:
@@ -189,27 +182,34 @@ def run_eval(cfg: Config, adapter: str | None = None, compare: bool = False, ove
     store = ItemStore(out / "items.jsonl")
     _check_settings(out, {tag: _settings(run_cfg, adapter, tag) for tag in tags}, store)
     on_log(f"model: {run_cfg.model.name_or_path}" + (f" + adapter {adapter}" if adapter else "")
-           + f"; thinking budget {e.thinking_budget} + {e.answer_tokens} answer tokens; results in {out}")
+           + f"; protocol {protocol.title}" + (f"; {e.samples} samples per item" if e.samples > 1 else "")
+           + f"; results in {out}")
 
-    # -- Generate, extract, score, item by item ----------------------------------------------------
+    # -- Answer, judge, score, item by item --------------------------------------------------------
     records: dict[str, dict[str, list[dict]]] = {}
+    extras: dict[str, dict[str, dict]] = {}
     cot_loss: dict[str, dict] = {}
+    finalized = False
     for tag in tags:
         # Base and adapter share one loaded model: PEFT switches the adapter off for the base pass.
         ctx = model.disable_adapter() if (tag == "base" and adapter) else contextlib.nullcontext()
         with ctx:
-            records[tag] = {}
+            records[tag], extras[tag] = {}, {}
             for task in tasks:
-                records[tag][task.name] = _run_task(model, tokenizer, formatter, task, items[task.name], run_cfg,
-                                                    tag, store, tqdm, on_log)
+                records[tag][task.name], extras[tag][task.name], changed = _run_task(
+                    model, tokenizer, formatter, task, items[task.name], run_cfg, tag, store, tqdm, on_log)
+                finalized |= changed
             cot_loss[tag] = _cot_loss_cached(out, tag, model, tokenizer, formatter, train_cfg, train_data, on_log)
 
     if store.rescored:
         on_log(f"{store.rescored} stored answers were re-scored with the current extractor (items.jsonl updated)")
+    if store.rescored or finalized:
         store.rewrite()
 
     # -- Scores and report -----------------------------------------------------------------------
-    summary = _summarize(run_cfg, adapter, tags, tasks, items, records, cot_loss, overlap_summary, excluded)
+    summary = _summarize(run_cfg, adapter, tags, tasks, items, records, cot_loss, overlap_summary, excluded, extras)
+    if overlap_summary is None:
+        summary["overlap_skipped"] = train_error
     summary["wall_s"] = round(time.time() - t0, 1)
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     from medcot.eval.report import write_report
@@ -218,20 +218,22 @@ def run_eval(cfg: Config, adapter: str | None = None, compare: bool = False, ove
 
 
 def _run_task(model, tokenizer, formatter, task: Task, items: list[Item], cfg: Config, tag: str,
-              store: ItemStore, tqdm, on_log) -> list[dict]:
+              store: ItemStore, tqdm, on_log) -> tuple[list[dict], dict, bool]:
+    """(records in item order, the protocol's benchmark-level numbers, whether `finalize` changed a verdict)."""
+    protocol = PROTOCOLS[cfg.eval.protocol]
     done, todo = [], []
     for it in items:
         r = store.done.get((tag, task.name, it.id))
         if r is None:
             todo.append(it)
             continue
-        # Stored outputs are re-read with the current extractor: improving the extraction rules
-        # re-scores an eval without generating anything again.
-        ex = task.extract(r["output"], it)
-        if (ex.label, ex.method) != (r["extracted"], r["method"]):
-            r.update(extracted=ex.label, method=ex.method, correct=task.score(it, ex))
-            store.rescored += 1
+        # Stored outputs are re-read with the current rules: improving the extraction re-scores an eval
+        # without generating anything again.
+        store.rescored += protocol.rescore(task, it, r)
         done.append(r)
+    if done:
+        on_log(f"{tag} {task.name}: resumed {len(done)} of {len(items)} items from {store.path}; "
+               f"{len(todo)} to answer")
     # Longest prompts first: similar lengths share a batch (less padding), and a prompt too long for
     # memory fails in the first batch rather than at the end.
     todo.sort(key=lambda it: -len(formatter.prompt(task.render(it))))
@@ -246,9 +248,12 @@ def _run_task(model, tokenizer, formatter, task: Task, items: list[Item], cfg: C
             correct += sum(r["correct"] for r in recs)
             pbar.update(len(recs))
             pbar.set_postfix_str(_running(correct, len(done)))
-    on_log(f"{tag} {task.name}: Final: {_running(correct, len(done))}")
+    verdicts = [(r["extracted"], r["method"], r["correct"]) for r in done]
+    extra = protocol.finalize(task, done)  # e.g. huatuo: first- or last-match, whichever scores better
+    changed = verdicts != [(r["extracted"], r["method"], r["correct"]) for r in done]
+    on_log(f"{tag} {task.name}: Final: {_running(sum(r['correct'] for r in done), len(done))}")
     order = {it.id: i for i, it in enumerate(items)}
-    return sorted(done, key=lambda r: order[r["id"]])
+    return sorted(done, key=lambda r: order[r["id"]]), extra, changed
 
 
 def _running(correct: int, n: int) -> str:
@@ -267,20 +272,22 @@ def _training_config(cfg: Config, adapter: str | None) -> Config:
 
 
 def _load_training_data(train_cfg: Config):
+    """(the training data, None) or (None, why it could not be loaded)."""
     from medcot.data.rows import load_records
     try:
-        return load_records(train_cfg.data)
+        return load_records(train_cfg.data), None
     except Exception as err:  # bad file, hub offline, missing token: the benchmarks don't need it
         log.warning("training data %r could not be loaded (%s: %s): no contamination check or held-out CoT loss",
                     train_cfg.data.source, type(err).__name__, err)
-        return None
+        return None, f"{type(err).__name__}: {err}"
 
 
 def _overlap(tasks, items, train_data, e, on_log) -> dict | None:
     """n-gram overlap of each benchmark's items with the training questions (see overlap.py)."""
     if train_data is None:
         return None
-    index = overlap.build_index([r.question for r in train_data.records], e.overlap_ngram)
+    index = overlap.build_index([r.question for r in train_data.records], e.overlap_ngram,
+                                [r.row for r in train_data.records])
     reports = {t.name: overlap.check(t.name, items[t.name], index, e.overlap_threshold) for t in tasks}
     for r in reports.values():
         on_log(f"overlap {r.benchmark}: {r.n_overlapping}/{r.n_items} items at >= {e.overlap_threshold:.0%} of their "
@@ -356,19 +363,26 @@ def heldout_cot_loss(model, tokenizer, formatter, train_cfg: Config, train_data)
 # Summary
 
 
-def _summarize(cfg, adapter, tags, tasks, items, records, cot_loss, overlap_summary, excluded) -> dict:
+def _summarize(cfg, adapter, tags, tasks, items, records, cot_loss, overlap_summary, excluded, extras) -> dict:
     models = {}
     for tag in tags:
-        models[tag] = {
-            "label": cfg.model.name_or_path + (f" + {adapter}" if tag == "adapter" else ""),
-            "benchmarks": {t.name: metrics.score(records[tag][t.name], t.chance(items[t.name])).to_dict() for t in tasks},
-        }
+        benchmarks = {}
+        for t in tasks:
+            recs = records[tag][t.name]
+            benchmarks[t.name] = {**metrics.score(recs, t.chance(items[t.name])).to_dict(), **extras[tag][t.name]}
+            samples = consistency.sample_metrics(recs)
+            if samples:
+                benchmarks[t.name]["samples"] = samples
+        models[tag] = {"label": cfg.model.name_or_path + (f" + {adapter}" if tag == "adapter" else ""),
+                       "benchmarks": benchmarks}
+    protocol = PROTOCOLS[cfg.eval.protocol]
     comparison = {}
     if "base" in tags and "adapter" in tags:
         comparison = {t.name: metrics.compare(records["base"][t.name], records["adapter"][t.name]) for t in tasks}
     return {
         "settings": {**_settings(cfg, adapter, tags[-1]), "benchmarks": [t.name for t in tasks],
-                     "limit": cfg.eval.limit, "batch_size": cfg.eval.batch_size},
+                     "limit": cfg.eval.limit, "batch_size": cfg.eval.batch_size,
+                     "protocol_title": protocol.title, "protocol_source": protocol.source},
         "titles": {t.name: t.title for t in tasks},
         "models": models,
         "comparison": comparison,
@@ -392,6 +406,7 @@ def evaluate_for_train(model, tokenizer, cfg: Config) -> dict:
     from medcot.data.prompts import PromptFormatter
     if cfg.eval.train_eval_limit <= 0:
         return {}
+    PROTOCOLS[cfg.eval.protocol].check(cfg)
     formatter = PromptFormatter(tokenizer, cfg.prompt)
     was_training, use_cache = model.training, model.config.use_cache
     model.eval()
@@ -404,7 +419,8 @@ def evaluate_for_train(model, tokenizer, cfg: Config) -> dict:
             recs = []
             for i in range(0, len(items), cfg.eval.batch_size):
                 recs += answer_items(model, tokenizer, formatter, task, items[i : i + cfg.eval.batch_size], cfg, "train")
-            out[name] = metrics.score(recs, task.chance(items)).to_dict()
+            extra = PROTOCOLS[cfg.eval.protocol].finalize(task, recs)
+            out[name] = {**metrics.score(recs, task.chance(items)).to_dict(), **extra}
         return out
     finally:
         model.config.use_cache = use_cache

@@ -42,7 +42,9 @@ def overlap_setup(tmp_path):
 
 def test_ngram_scores():
     index = build_index([f"prefix words here {STEM}"], n=8)
-    assert item_overlap(STEM, index).score == 1.0 and item_overlap(STEM, index).train_row == 0
+    assert item_overlap(STEM, index).score == 1.0 and item_overlap(STEM, index).train_row == 1  # 1-based rows
+    rows = build_index(["unrelated words only here", f"prefix words here {STEM}"], n=8, rows=[4, 9])
+    assert item_overlap(STEM, rows).train_row == 9  # the row the training file gave, not the list position
     assert item_overlap(UNRELATED, index).score < 0.2
     assert item_overlap("too short", index).score == 0.0  # under 4 words: not testable
 
@@ -53,9 +55,9 @@ def test_constructed_overlap_is_flagged_and_excluded(overlap_setup):
     ov = json.loads((tmp_path / "out" / "overlap.json").read_text())
     rep = ov["benchmarks"]["medqa"]
     assert {f["id"] for f in rep["flagged"]} == {"copied", "short"}
-    assert {f["train_row"] for f in rep["flagged"]} == {0, 2}
+    assert {f["train_row"] for f in rep["flagged"]} == {1, 3}  # rows of train.jsonl, 1-based
     assert rep["n_items"] == 4 and ov["training_questions"] == 24
-    assert "overlapping" in (tmp_path / "out" / "overlap.md").read_text()
+    assert "training file row 1" in (tmp_path / "out" / "overlap.md").read_text()
     items = {"medqa": TASKS["medqa"].load(cfg.eval.source)}
     kept, excluded = exclude_overlapping(items, result.summary["overlap"])
     assert [it.id for it in kept["medqa"]] == ["paraphrased", "unrelated"] and excluded == {"medqa": 2}
@@ -72,3 +74,18 @@ def test_data_overlap_command(overlap_setup, capsys):
                f"data.source={cfg.data.source}", f"eval.output_dir={tmp_path / 'cli'}"])
     assert rc == 0
     assert "medqa 2/4 items" in capsys.readouterr().out
+
+
+def test_data_overlap_fails_clearly_when_the_training_data_cannot_be_loaded(overlap_setup, shared_data, capsys):
+    """The shared training file has lower-case columns: without the mapping the check cannot run, and says so."""
+    cfg, tmp_path = overlap_setup
+    train = shared_data / "train" / "normalized" / "medical_o1_style_train.jsonl"
+    argv = ["data", "overlap", "eval.benchmarks=medqa", f"eval.source={cfg.eval.source}", f"data.source={train}",
+            f"eval.output_dir={tmp_path / 'cli'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "contamination check needs the training questions" in err and "data.question_column" in err
+    assert not (tmp_path / "cli" / "overlap.md").exists()  # no "Skipped" report
+    mapped = ["data.question_column=question", "data.reasoning_column=reasoning", "data.answer_column=answer"]
+    assert main(argv + mapped) == 0
+    assert "items share" in capsys.readouterr().out

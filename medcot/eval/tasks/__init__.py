@@ -10,11 +10,14 @@ from medcot.eval.tasks.common import (
     render_mc,
     spread,
 )
+from medcot.eval.tasks.gpqa_medical import GPQAMedical
 from medcot.eval.tasks.medmcqa import MedMCQA
 from medcot.eval.tasks.medqa import MedQA
 from medcot.eval.tasks.mmlu_medical import MMLUMedical
+from medcot.eval.tasks.mmlu_pro_medical import MMLUProMedical
 from medcot.eval.tasks.pubmedqa import PubMedQA
 
-TASKS: dict[str, Task] = {t.name: t for t in (MedQA(), MedMCQA(), PubMedQA(), MMLUMedical())}
+TASKS: dict[str, Task] = {t.name: t for t in (MedQA(), MedMCQA(), PubMedQA(), MMLUMedical(), MMLUProMedical(),
+                                              GPQAMedical())}
 
 __all__ = ["EMBEDDED_EVAL_DIR", "Item", "MultipleChoiceTask", "Task", "TASKS", "render_mc", "spread"]

@@ -6,9 +6,14 @@ carry `context`, MMLU items `subject`. A task turns an item into the question te
 the training prompt, pulls the answer out of a model's output, and scores it.
 
 Items come from three places, all validated the same way (errors name file, row and field):
-- 'embedded': `medcot/assets/eval/`, a 25-item sample of each benchmark (shipped, no network);
+- 'embedded': `medcot/assets/eval/`, a 25-item sample of each benchmark (shipped, no network; not GPQA,
+  whose authors ask that its questions are not redistributed);
 - a folder holding one normalized `<benchmark>*.jsonl` per benchmark;
-- 'hub': the benchmark's dataset on the Hugging Face hub, its columns mapped to the item format.
+- 'hub': the benchmark's dataset on the Hugging Face hub, its columns mapped to the item format
+  (gated datasets need the user's token: HF_TOKEN or `huggingface-cli login`).
+
+Besides the generative prompt (`render`), a task states its item the way the two published protocols
+do: `huatuo_item` (HuatuoGPT-o1's evaluation) and `lm_eval_request` (lm-evaluation-harness).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from medcot.data.rows import iter_jsonl
-from medcot.errors import DataError
+from medcot.errors import ConfigError, DataError
 from medcot.eval.extract import Extraction
 
 EMBEDDED_EVAL_DIR = Path(__file__).resolve().parents[2] / "assets" / "eval"
@@ -50,6 +55,8 @@ class Task:
     hub_id: str
     hub_configs: tuple[str | None, ...] = (None,)
     hub_split: str
+    hub_gated = False  # the hub dataset needs an accepted licence and the user's token
+    shipped = True  # a sample is in medcot/assets/eval/
     answer_case_insensitive = False  # PubMedQA accepts "Yes"/"YES" for yes in files
 
     # -- loading ---------------------------------------------------------------------------------
@@ -63,6 +70,12 @@ class Task:
         """
         if source == "hub":
             items = self._load_hub()
+        elif source == "embedded" and not self.shipped:
+            raise ConfigError(
+                f"{self.name} has no shipped sample (its items may not be redistributed); use "
+                f"eval.source=<folder> (e.g. ../shared/data/eval/normalized) or eval.source=hub"
+                + (" with HF_TOKEN set" if self.hub_gated else "")
+            )
         else:
             folder = EMBEDDED_EVAL_DIR if source == "embedded" else Path(source)
             items = self.load_file(self.find_file(folder))
@@ -92,15 +105,29 @@ class Task:
             load_dataset,  # network; datasets reads HF_TOKEN from the environment
         )
 
+        token = None
+        if self.hub_gated:
+            from huggingface_hub import get_token
+            token = get_token()  # HF_TOKEN, else the token `huggingface-cli login` saved
+            if not token:
+                raise ConfigError(
+                    f"{self.hub_id} is gated: accept its terms on huggingface.co/datasets/{self.hub_id}, then set "
+                    f"HF_TOKEN (or run huggingface-cli login); or use eval.source=<folder> with a local copy"
+                )
         rows: list[tuple[int, Any]] = []
         for config in self.hub_configs:
-            ds = load_dataset(self.hub_id, config, split=self.hub_split)
-            rows += [(len(rows) + 1, self.from_hub_row(dict(r), i, config)) for i, r in enumerate(ds)]
+            ds = load_dataset(self.hub_id, config, split=self.hub_split, token=token)
+            kept = [dict(r) for r in ds if self.keep_hub_row(dict(r))]
+            rows += [(len(rows) + 1, self.from_hub_row(r, i, config)) for i, r in enumerate(kept)]
         where = f"{self.hub_id} ({self.hub_split})"
         return self._validate_rows(iter(rows), where)
 
+    def keep_hub_row(self, row: dict) -> bool:
+        """Whether a hub row belongs to this benchmark (a subset of a larger dataset filters here)."""
+        return True
+
     def from_hub_row(self, row: dict, index: int, config: str | None) -> dict:
-        """Map row `index` of the hub split (of `config`) to the normalized item format."""
+        """Map row `index` of the hub split (of `config`, counting kept rows) to the normalized item format."""
         raise NotImplementedError
 
     def _validate_rows(self, rows: Iterator[tuple[int, Any]], where: str) -> list[Item]:
@@ -167,6 +194,19 @@ class Task:
 
     def extract(self, output: str, item: Item) -> Extraction:
         raise NotImplementedError
+
+    def huatuo_item(self, item: Item) -> tuple[str, dict[str, str], str]:
+        """(question, lettered options, gold letter) as HuatuoGPT-o1's eval_data.json states this item."""
+        return item.question, item.options, item.answer
+
+    def lm_eval_request(self, item: Item) -> tuple[str, dict[str, str]]:
+        """(context, {label: continuation}) of lm-evaluation-harness's multiple-choice task for this benchmark.
+
+        The default is lm-eval's `medqa_4options` (lm_eval/tasks/medqa/preprocess_medqa.py): the question,
+        the lettered options, "Answer:", and each letter after a space.
+        """
+        lines = "".join(f"{k}. {v}\n" for k, v in item.options.items())
+        return f"Question: {item.question}\n{lines}Answer:", {k: f" {k}" for k in item.options}
 
     def score(self, item: Item, extraction: Extraction) -> bool:
         """Correct iff the extracted label is the gold one; unparseable (label None) is wrong."""

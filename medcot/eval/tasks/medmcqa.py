@@ -6,7 +6,7 @@ columns `id`, `question`, `opa`..`opd`, `cop` (0-3, the correct option), `subjec
 
 from __future__ import annotations
 
-from medcot.eval.tasks.common import LETTERS, MultipleChoiceTask
+from medcot.eval.tasks.common import LETTERS, Item, MultipleChoiceTask
 
 
 class MedMCQA(MultipleChoiceTask):
@@ -27,3 +27,8 @@ class MedMCQA(MultipleChoiceTask):
             "answer": LETTERS[cop] if isinstance(cop, int) and 0 <= cop < 4 else cop,
             "subject": row.get("subject_name"),
         }
+
+    def lm_eval_request(self, item: Item) -> tuple[str, dict[str, str]]:
+        """lm-eval's `medmcqa` format (lm_eval/tasks/medmcqa/utils_medmcqa.py): a "Choices:" line before the options."""
+        lines = "".join(f"{k}. {v}\n" for k, v in item.options.items())
+        return f"Question: {item.question}\nChoices:\n{lines}Answer:", {k: f" {k}" for k in item.options}

@@ -7,7 +7,7 @@ Hub: cais/mmlu, one config per subject, split `test`, columns `question`, `subje
 
 from __future__ import annotations
 
-from medcot.eval.tasks.common import LETTERS, MultipleChoiceTask
+from medcot.eval.tasks.common import LETTERS, Item, MultipleChoiceTask
 
 SUBJECTS = (
     "anatomy", "clinical_knowledge", "college_biology", "college_medicine", "medical_genetics",
@@ -34,3 +34,10 @@ class MMLUMedical(MultipleChoiceTask):
             "options": dict(zip(LETTERS, choices)) if isinstance(choices, list) else choices,
             "answer": LETTERS[answer] if isinstance(answer, int) and 0 <= answer < len(choices or []) else answer,
         }
+
+    def lm_eval_request(self, item: Item) -> tuple[str, dict[str, str]]:
+        """lm-eval's `mmlu_<subject>` format (lm_eval/tasks/mmlu/default/_default_template_yaml and the subject's
+        description line), zero-shot as on the Open Medical-LLM leaderboard."""
+        about = f"The following are multiple choice questions (with answers) about {(item.subject or 'medicine').replace('_', ' ')}.\n\n"
+        lines = "".join(f"{k}. {v}\n" for k, v in item.options.items())
+        return f"{about}{item.question.strip()}\n{lines}Answer:", {k: f" {k}" for k in item.options}

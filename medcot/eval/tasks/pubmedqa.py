@@ -14,6 +14,10 @@ from medcot.eval.extract import Extraction, extract_yes_no
 from medcot.eval.tasks.common import Item, Task
 
 LABELS = ("yes", "no", "maybe")
+# How HuatuoGPT-o1's eval_data.json states a PubMedQA item: the abstract, this sentence, the question,
+# and yes / no / maybe as options A / B / C.
+HUATUO_BRIDGE = ("\n\nUsing the above document as a reference, please review the following question and choose "
+                 "the option you find most appropriate.\n")
 
 
 class PubMedQA(Task):
@@ -64,3 +68,13 @@ class PubMedQA(Task):
 
     def extract(self, output: str, item: Item) -> Extraction:
         return extract_yes_no(output)
+
+    def huatuo_item(self, item: Item) -> tuple[str, dict[str, str], str]:
+        options = dict(zip("ABC", LABELS))
+        gold = "ABC"[LABELS.index(item.answer)]
+        return f"{item.context}{HUATUO_BRIDGE}{item.question}", options, gold
+
+    def lm_eval_request(self, item: Item) -> tuple[str, dict[str, str]]:
+        """lm-eval's `pubmedqa` format (lm_eval/tasks/pubmedqa/preprocess_pubmedqa.py). lm-eval joins the abstract's
+        sections with newlines; the normalized files hold them joined with a space."""
+        return f"Abstract: {item.context}\nQuestion: {item.question}\nAnswer:", {w: f" {w}" for w in LABELS}
