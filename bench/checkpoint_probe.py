@@ -6,20 +6,17 @@ diagonal SDPA mask, gradient checkpointing with medcot's varlen flash attention,
 checkpointing. For each it prints peak allocated memory, step time and how many times the decoder
 layers ran forward (32 layers: 32 without recompute, 64 with).
 
-    python bench/checkpoint_probe.py [--out probe.json]
+    python -m bench.checkpoint_probe [--out probe.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run(setting: str, device: str = "cuda", size: dict | None = None) -> dict:

@@ -1,19 +1,16 @@
-"""Probe 2: the exact model setup of bench/train_throughput.py (load_base from disk, 4-bit, Liger,
+"""Probe 2: the exact model setup of bench.train_throughput (load_base from disk, 4-bit, Liger,
 packed attention, LoRA, limit_checkpointing) on a small random Llama: attention forward calls and
 activation memory for one packed step, with and without varlen attention. RANDOM weights.
 
-    python bench/checkpoint_probe_loaded.py
+    python -m bench.checkpoint_probe_loaded
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:

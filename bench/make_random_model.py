@@ -5,7 +5,7 @@ random bf16 weights, plus a tokenizer copied from TOKENIZER_DIR, to OUT_DIR. The
 network, so the real weights cannot be downloaded there; throughput and memory do not depend on
 weight values, so this stands in for them in benchmarks. Every number measured on it says so.
 
-    python bench/make_random_model.py OUT_DIR --tokenizer TOKENIZER_DIR [--layers 32]
+    python -m bench.make_random_model OUT_DIR --tokenizer TOKENIZER_DIR [--layers 32]
 """
 
 from __future__ import annotations

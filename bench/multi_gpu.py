@@ -1,7 +1,7 @@
 """Tokens/s of `medcot train` on 1 vs N GPUs (DDP and FSDP), each run a real `torchrun ... -m medcot train`.
 
-    python bench/multi_gpu.py --model /tmp/r1-8b-random --data rows.jsonl --runs 1:none,2:ddp,2:fsdp \
-        --steps 12 --warmup 3 --out docs/results/multi_gpu_4bit.json [section.key=value ...]
+    python -m bench.multi_gpu --model /tmp/r1-8b-random --data rows.jsonl --runs 1:none,2:ddp,2:fsdp \
+        --steps 12 --warmup 3 --out docs/results/DATE_2xh200_multi_gpu_4bit.json [section.key=value ...]
 
 Every run trains the same steps on the same rows (per_device_batch_size x gradient_accumulation_steps
 rows per step, shared among the processes), so tokens/s compare directly. Throughput is taken from

@@ -9,10 +9,10 @@ one-at-a-time baseline through the server; `offline` is the same requests genera
 Hugging Face `model.generate` in this process (no server, no batching), after the server has stopped.
 
     # CPU, the embedded SmolLM2-135M (a few minutes on 2 cores)
-    python bench/serve_load.py --requests 16 --max-tokens 32 --out docs/results/serve_load_cpu.json
-    # GPU, the 8B architecture with random weights (bench/make_random_model.py writes the folder)
-    python bench/serve_load.py --model /path/to/r1-8b-random --device cuda --dtype bf16 \\
-        --requests 64 --max-tokens 256 --out docs/results/serve_load_h100.json
+    python -m bench.serve_load --requests 16 --max-tokens 32 --out docs/results/DATE_cpu_serve_load.json
+    # GPU, the 8B architecture with random weights (python -m bench.make_random_model writes the folder)
+    python -m bench.serve_load --model /path/to/r1-8b-random --device cuda --dtype bf16 \\
+        --requests 64 --max-tokens 256 --out docs/results/DATE_h100_serve_load_bf16.json
 """
 
 from __future__ import annotations

@@ -146,3 +146,74 @@ def test_fast_path_matches_plain_on_gpu(tmp_path):
     for n in g_plain:
         rel = (g_fast[n] - g_plain[n]).norm() / g_plain[n].norm().clamp_min(1e-12)
         assert rel < 5e-2, f"{n}: relative gradient error {rel:.3g}"
+
+
+def _fake_bnb(monkeypatch):
+    """A stand-in for bitsandbytes.optim.optimizer: Optimizer8bit.step calls the module's sync_gpu per tensor."""
+    import sys
+    import types
+
+    mod = types.ModuleType("bitsandbytes.optim.optimizer")
+    mod.syncs = []
+    exec(
+        "import torch\n"
+        "def sync_gpu(t):\n    syncs.append(t)\n"
+        "class Optimizer8bit(torch.optim.SGD):\n"
+        "    is_paged = False\n"
+        "    def step(self, closure=None):\n"
+        "        for group in self.param_groups:\n"
+        "            for p in group['params']:\n"
+        "                p.data.add_(p.grad, alpha=-group['lr'])\n"
+        "                sync_gpu(p)\n",
+        mod.__dict__,  # one namespace: step() finds sync_gpu among the module's globals, as in bitsandbytes
+    )
+    for name in ("bitsandbytes", "bitsandbytes.optim"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "bitsandbytes.optim.optimizer", mod)
+    return mod
+
+
+def test_skip_optimizer_syncs_drops_the_per_tensor_sync_and_keeps_the_update(monkeypatch):
+    from medcot.train import fast
+
+    bnb = _fake_bnb(monkeypatch)
+    monkeypatch.setattr(fast, "_on_default_streams", lambda opt: True)
+    params = [torch.nn.Parameter(torch.randn(4, 3, generator=torch.Generator().manual_seed(i))) for i in range(3)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, twins):
+        p.grad = torch.full_like(p, 0.5)
+        q.grad = torch.full_like(q, 0.5)
+    plain, unsynced = bnb.Optimizer8bit(twins, lr=0.1), bnb.Optimizer8bit(params, lr=0.1)
+    assert fast.skip_optimizer_syncs(unsynced)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(unsynced, lambda s: 1.0)  # wraps step after us, as the trainer's does
+    plain.step()
+    assert len(bnb.syncs) == 3  # the plain optimizer still syncs after each tensor
+    unsynced.step()
+    scheduler.step()
+    assert len(bnb.syncs) == 3  # ... the patched one not at all
+    assert all(torch.equal(p, q) for p, q in zip(params, twins))  # the same update
+    paged = bnb.Optimizer8bit([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    paged.is_paged = True
+    assert not fast.skip_optimizer_syncs(paged) and not fast.skip_optimizer_syncs(torch.optim.AdamW(params))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and bitsandbytes (run on the device)")
+def test_skip_optimizer_syncs_is_bit_identical_on_gpu():
+    bnb = pytest.importorskip("bitsandbytes")
+    from medcot.train.fast import skip_optimizer_syncs
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(16, 4096), (4096, 16), (16, 14336), (1024, 16)]
+    a = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=g)) for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    plain, unsynced = bnb.optim.AdamW8bit(a, lr=2e-4), bnb.optim.AdamW8bit(b, lr=2e-4)
+    assert skip_optimizer_syncs(unsynced)
+    for _ in range(5):
+        grads = [torch.randn(s, device="cuda", generator=g) for s in shapes]
+        for p, q, gr in zip(a, b, grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        plain.step()
+        unsynced.step()
+    torch.cuda.synchronize()
+    assert all(torch.equal(p, q) for p, q in zip(a, b))

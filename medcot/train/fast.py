@@ -8,6 +8,7 @@
    linear + cross-entropy that never materialises the (tokens × 128k vocabulary) fp32 logits.
 3. Selective activation checkpointing (train.checkpoint_ratio): recompute only as many layers as
    memory requires; with train.offload_activations the recomputed layers' inputs wait in host memory.
+4. `skip_optimizer_syncs`: no device sync after every tensor in bitsandbytes' 8-bit optimizer step.
 
 Numerics are the same as the plain path within bf16 tolerance (tests/test_fast.py): the same rows
 per step, the loss normalised by the same count of response tokens.
@@ -15,10 +16,12 @@ per step, the loss normalised by the same count of response tokens.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import importlib.util
 import inspect
 import logging
+import types
 
 import torch
 
@@ -184,3 +187,54 @@ def offload_checkpointing(model) -> int:
             layer._gradient_checkpointing_func = _offloaded_checkpoint
             n += 1
     return n
+
+
+def skip_optimizer_syncs(optimizer) -> bool:
+    """Drop the device sync that bitsandbytes' 8-bit optimizers make after every parameter update.
+
+    `Optimizer8bit.step` calls `torch.cuda.synchronize()` after each tensor: 448 host stalls per step for
+    the seed recipe's LoRA tensors, which leave the GPU idle between tiny update kernels (the profile in
+    docs/benchmarks.md). For a non-paged optimizer on the current default stream the sync orders
+    nothing (every kernel is issued in order on that one stream), so the update is bit-identical; paged
+    optimizers keep it (their prefetches need it). Unsloth makes the same change. Only this optimizer
+    instance is affected. Returns whether its step was changed.
+    """
+    try:
+        import bitsandbytes.optim.optimizer as bnb_optim
+    except ImportError:
+        return False
+    if not isinstance(optimizer, bnb_optim.Optimizer8bit) or getattr(optimizer, "is_paged", False):
+        return False
+    if not _on_default_streams(optimizer):
+        return False
+    if not getattr(bnb_optim.sync_gpu, "_medcot_gated", False):
+        original = bnb_optim.sync_gpu
+
+        @functools.wraps(original)
+        def sync_gpu(t):
+            if not _SKIP_SYNC.get():
+                original(t)
+
+        sync_gpu._medcot_gated = True
+        bnb_optim.sync_gpu = sync_gpu
+    step = type(optimizer).step
+
+    def unsynced_step(self, *args, **kwargs):
+        token = _SKIP_SYNC.set(True)
+        try:
+            return step(self, *args, **kwargs)
+        finally:
+            _SKIP_SYNC.reset(token)
+
+    optimizer.step = types.MethodType(functools.wraps(step)(unsynced_step), optimizer)
+    return True
+
+
+_SKIP_SYNC: contextvars.ContextVar[bool] = contextvars.ContextVar("medcot_skip_bnb_sync", default=False)
+
+
+def _on_default_streams(optimizer) -> bool:
+    """Every parameter on a CUDA device whose current stream is its default stream (bitsandbytes' kernels run there)."""
+    devices = {p.device for group in optimizer.param_groups for p in group["params"]}
+    return bool(devices) and all(d.type == "cuda" and torch.cuda.current_stream(d) == torch.cuda.default_stream(d)
+                                 for d in devices)
