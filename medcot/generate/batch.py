@@ -1,14 +1,17 @@
-"""Batched and streamed generation with the KV cache (HF `generate`)."""
+"""Batched and streamed generation: `generate` (eval, the training report) and `stream` (`medcot ask`), both
+run by the one engine (`medcot.generate.engine`) in the caller's thread."""
 
 from __future__ import annotations
 
+import collections
+import math
 import threading
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
-from typing import Iterator
-
-import torch
 
 from medcot.config import GenerateArgs
+from medcot.generate.engine import Engine, Event, Request, SamplingParams
+from medcot.generate.reasoning import FORCE_CLOSE
 
 
 @dataclass(frozen=True)
@@ -18,103 +21,82 @@ class Generation:
     finished: bool  # ended with EOS (False: hit max_new_tokens)
 
 
-def _sampling_kwargs(args: GenerateArgs, tokenizer) -> dict:
-    kw = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-    if args.temperature > 0:
-        kw.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
-    else:
-        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    return kw
+def sampling_params(args: GenerateArgs, index: int = 0, **extra) -> SamplingParams:
+    """The engine's parameters for prompt number `index` of a `generate.*` run (a seed of its own per prompt)."""
+    sampled = args.temperature > 0
+    return SamplingParams(max_tokens=extra.pop("max_tokens", args.max_new_tokens), temperature=args.temperature,
+                          top_p=args.top_p if sampled else 1.0,
+                          seed=(args.seed * 1_000_003 + index) % 2**63 if sampled else None, **extra)
 
 
-def left_pad(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Decoder-only models continue from the last position, so padding goes on the left.
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, ids in enumerate(batch):
-        input_ids[i, width - len(ids) :] = torch.tensor(ids)
-        mask[i, width - len(ids) :] = 1
-    return input_ids.to(device), mask.to(device)
+def engine_for(model, tokenizer, prompts: list[list[int]], max_tokens: int, batch_size: int) -> Engine:
+    """An engine sized for these prompts (KV-cache slots of the longest prompt + max_tokens)."""
+    return Engine(model, tokenizer, max_batch_size=batch_size, max_queue=0, request_timeout_s=math.inf,
+                  max_len=max((len(p) for p in prompts), default=1) + max_tokens + 8)
 
 
-@torch.inference_mode()
+def completion_text(tokenizer, request: Request) -> str:
+    """The text of a finished request, decoded from its ids at once (as `tokenizer.decode` would), with the
+    forced close where the thinking budget put it."""
+    ids, at = request.token_ids, request.forced_at
+    if at is None:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    return (tokenizer.decode(ids[:at], skip_special_tokens=True) + FORCE_CLOSE
+            + tokenizer.decode(ids[at:], skip_special_tokens=True))
+
+
+def run_requests(model, tokenizer, prompts: list[list[int]], params: list[SamplingParams], batch_size: int,
+                 progress=None) -> list[Request]:
+    """Run every prompt to its end with continuous batching (`batch_size` at a time); raises the first error."""
+    engine = engine_for(model, tokenizer, prompts, max((p.max_tokens for p in params), default=1), batch_size)
+    requests = [Request(ids, p) for ids, p in zip(prompts, params)]
+    engine.run(requests, progress)
+    for r in requests:
+        if r.result is None or r.result.kind == "error":
+            raise r.result.error if r.result is not None else RuntimeError("generation did not finish")
+    return requests
+
+
 def generate(model, tokenizer, prompts: list[list[int]], args: GenerateArgs, progress=None) -> list[Generation]:
-    """Generate a completion for each tokenized prompt, `args.batch_size` at a time, with the KV cache.
+    """Generate a completion for each tokenized prompt, `args.batch_size` at a time (continuous batching).
 
     Args:
         prompts: token ids of each prompt (from `PromptFormatter.encode_prompt`).
-        progress: optional callable(n_done) called after each batch.
+        progress: optional callable(n_done) called as completions finish.
     """
-    device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    out: list[Generation] = []
-    if args.temperature > 0:
-        torch.manual_seed(args.seed)
-    for start in range(0, len(prompts), args.batch_size):
-        batch = prompts[start : start + args.batch_size]
-        input_ids, mask = left_pad(batch, tokenizer.pad_token_id, device)
-        seqs = model.generate(input_ids=input_ids, attention_mask=mask, use_cache=True, **_sampling_kwargs(args, tokenizer))
-        for row in seqs[:, input_ids.shape[1] :].tolist():
-            finished = eos in row
-            row = row[: row.index(eos)] if finished else row
-            out.append(Generation(tokenizer.decode(row, skip_special_tokens=True), len(row), finished))
-        if progress:
-            progress(len(out))
-    return out
+    if not prompts:
+        return []
+    params = [sampling_params(args, i) for i in range(len(prompts))]
+    requests = run_requests(model, tokenizer, prompts, params, args.batch_size, progress)
+    return [Generation(completion_text(tokenizer, r), r.result.completion_tokens, r.result.finish_reason == "stop")
+            for r in requests]
 
 
-def stream(model, tokenizer, prompt: list[int], args: GenerateArgs, stop_event: threading.Event | None = None) -> Iterator[str]:
+def stream(model, tokenizer, prompt: list[int], args: GenerateArgs,
+           stop_event: threading.Event | None = None) -> Generator[str, None, Generation]:
     """Yield the completion of one prompt piece by piece as it is generated.
 
-    Generation runs in a thread; setting `stop_event` (e.g. when a client disconnects) ends it at the
-    next token.
+    Setting `stop_event` (e.g. Ctrl-C handling, a client that went away) ends it at the next token; what was
+    generated until then has been yielded. The generator's return value (`StopIteration.value`) is the whole
+    `Generation`: `finished` says whether it ended on the end token (False: max_new_tokens, or stopped).
     """
-    from transformers import (
-        StoppingCriteria,
-        StoppingCriteriaList,
-        TextIteratorStreamer,
-    )
+    pieces: collections.deque[str] = collections.deque()
 
-    # Our own event when the caller gave none: a consumer that stops reading (Ctrl-C, an exception)
-    # must also stop the generating thread, or the interpreter aborts at exit while torch still runs in it.
-    stop_event = stop_event or threading.Event()
+    def on_event(event: Event) -> None:
+        if event.kind == "text" and event.text:
+            pieces.append(event.text)
 
-    class _Stop(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return stop_event.is_set()
-
-    device = next(model.parameters()).device
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    input_ids = torch.tensor([prompt], device=device)
-    kwargs = dict(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        streamer=streamer,
-        stopping_criteria=StoppingCriteriaList([_Stop()]),
-        use_cache=True,
-        **_sampling_kwargs(args, tokenizer),
-    )
-    if args.temperature > 0:
-        torch.manual_seed(args.seed)
-    errors: list[BaseException] = []
-
-    def _run():
-        try:
-            with torch.inference_mode():
-                model.generate(**kwargs)
-        except BaseException as e:  # surface generation errors in the caller's thread
-            errors.append(e)
-            streamer.end()
-
-    thread = threading.Thread(target=_run, daemon=True)
-    thread.start()
-    try:
-        for piece in streamer:
-            if piece:
-                yield piece
-    finally:
-        stop_event.set()
-        thread.join()
-    if errors:
-        raise errors[0]
+    request = Request(prompt, sampling_params(args), on_event=on_event)
+    engine = engine_for(model, tokenizer, [prompt], args.max_new_tokens, 1)
+    for _ in engine.steps([request]):
+        while pieces:
+            yield pieces.popleft()
+        if stop_event is not None and stop_event.is_set():
+            request.cancel()
+    while pieces:
+        yield pieces.popleft()
+    if request.result is not None and request.result.kind == "error" and not request.cancelled:
+        raise request.result.error
+    done = request.result  # None when stopped through stop_event
+    n_tokens = len(request.token_ids) if done is None else done.completion_tokens
+    return Generation(completion_text(tokenizer, request), n_tokens, done is not None and done.finish_reason == "stop")

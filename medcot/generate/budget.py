@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from medcot.config import GenerateArgs
-from medcot.generate.batch import generate
-from medcot.generate.reasoning import THINK_CLOSE
+from medcot.generate.batch import completion_text, generate, run_requests, sampling_params
+from medcot.generate.reasoning import FORCE_CLOSE, THINK_CLOSE
 
-FORCE_CLOSE = "\n" + THINK_CLOSE + "\n"  # what the thinking budget appends when the reasoning runs out
+__all__ = ["FORCE_CLOSE", "Answer", "generate_answers"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -32,25 +32,19 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], gen: GenerateAr
                      thinking_budget: int | None, answer_tokens: int) -> list[Answer]:
     """Generate a reasoning + answer for each prompt.
 
-    Without a budget: one pass of `gen.max_new_tokens`. With one: reason for up to `thinking_budget`
-    tokens; outputs that stopped at EOS are done. The others continue for `answer_tokens` more,
-    after "\\n</think>\\n" is appended where the model had not closed its reasoning itself, so every
-    item gets a chance to answer (s1's "budget forcing"). The continuation re-tokenizes the text
-    generated so far; the ids can differ from the sampled ones at a token boundary, which changes
-    nothing a greedy continuation depends on in practice.
+    Without a budget: one pass of `gen.max_new_tokens`. With one, the engine's rule (the server's too): the
+    reasoning gets up to `thinking_budget` tokens; where it runs out, or ends in EOS before `</think>`,
+    "\\n</think>\\n" is fed to the model and up to `answer_tokens` more are generated, so every item gets a
+    chance to answer (s1's "budget forcing"). A model that closes its reasoning itself gets `thinking_budget +
+    answer_tokens` tokens in all. The continuation is the same token stream (no re-tokenization).
     """
     if thinking_budget is None:
         outs = generate(model, tokenizer, prompts, replace(gen, batch_size=batch_size))
         return [Answer(o.text, o.num_tokens, THINK_CLOSE in o.text, False) for o in outs]
-    first = generate(model, tokenizer, prompts, replace(gen, max_new_tokens=thinking_budget, batch_size=batch_size))
-    answers = [Answer(o.text, o.num_tokens, THINK_CLOSE in o.text, False) for o in first]
-    todo = [i for i, o in enumerate(first) if not o.finished]
-    if not todo:
-        return answers
-    texts = [first[i].text if answers[i].closed else first[i].text + FORCE_CLOSE for i in todo]
-    cont = [prompts[i] + tokenizer(t, add_special_tokens=False)["input_ids"] for i, t in zip(todo, texts)]
-    second = generate(model, tokenizer, cont, replace(gen, max_new_tokens=answer_tokens, batch_size=batch_size))
-    for i, text, o in zip(todo, texts, second):
-        a = answers[i]
-        answers[i] = Answer(text + o.text, a.num_tokens + o.num_tokens, a.closed, not a.closed)
+    params = [sampling_params(gen, i, max_tokens=thinking_budget + answer_tokens, thinking_budget=thinking_budget,
+                              answer_tokens=answer_tokens) for i in range(len(prompts))]
+    answers = []
+    for r in run_requests(model, tokenizer, prompts, params, batch_size):
+        text, forced = completion_text(tokenizer, r), r.result.forced_close
+        answers.append(Answer(text, r.result.completion_tokens, not forced and THINK_CLOSE in text, forced))
     return answers

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+FORCE_CLOSE = "\n" + THINK_CLOSE + "\n"  # what the thinking budget appends when the reasoning runs out
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,9 @@ so the official `openai` client and tools built for it work unchanged. Fields th
 commented block at the end of each model. Spec fields medcot cannot honour (tools, logprobs, n > 1, ...)
 are accepted with their defaults and rejected with a 400 that names them otherwise; fields the spec does
 not have are ignored with a log line (as vLLM does), so a newer client never breaks the server.
+
+Types are strict, as OpenAI's are: `"max_tokens": "2"`, `true` or `2.0`, `"stream": "yes"` and a
+temperature of `"0.5"` or NaN are 400s that name the field, never silently converted.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
     computed_field,
     model_serializer,
     model_validator,
@@ -26,6 +32,13 @@ from pydantic import (
 log = logging.getLogger(__name__)
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+# A JSON number (an integer is fine), never a string or a bool; Python's JSON parser reads NaN and
+# Infinity, which no sampling parameter can use.
+StrictFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+# reasoning_effort -> thinking budget in tokens (the reasoning is closed and the answer generated after it).
+REASONING_EFFORT_TOKENS = {"none": 0, "low": 128, "medium": 512, "high": 2048}
 
 
 class OpenAIBaseModel(BaseModel):
@@ -45,16 +58,17 @@ class OpenAIBaseModel(BaseModel):
 class ContentPart(OpenAIBaseModel):
     """One part of a multi-part message; medcot reads text parts only."""
 
-    type: str
-    text: str | None = None
+    type: StrictStr
+    text: StrictStr | None = None
 
 
 class ChatMessageParam(OpenAIBaseModel):
     """A message of the conversation, as the client sends it."""
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    # Optional for an assistant turn only (as in OpenAI's API); check_supported names a missing one.
+    content: StrictStr | list[ContentPart] | None = None
+    name: StrictStr | None = None
 
     def text(self, index: int) -> str:
         """The message as plain text.
@@ -79,37 +93,45 @@ class ChatMessageParam(OpenAIBaseModel):
 
 
 class StreamOptions(OpenAIBaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatCompletionRequest(OpenAIBaseModel):
     # Ordered by the official OpenAI API documentation
     # https://platform.openai.com/docs/api-reference/chat/create
     messages: list[ChatMessageParam] = Field(min_length=1)
-    model: str | None = Field(None, description="The served model id (GET /v1/models); omitted: the served model.")
-    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    model: StrictStr | None = Field(None, description="The served model id (GET /v1/models); omitted: the served model.")
+    frequency_penalty: StrictFloat | None = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = False
-    max_completion_tokens: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI for max_completion_tokens; both work.")
-    n: int | None = Field(1, ge=1)
-    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    logprobs: StrictBool | None = False
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(
+        None, ge=1, description="Deprecated by OpenAI for max_completion_tokens; both work.")
+    n: StrictInt | None = Field(1, ge=1)
+    presence_penalty: StrictFloat | None = Field(0.0, ge=-2.0, le=2.0)
+    reasoning_effort: Literal["none", "low", "medium", "high"] | None = Field(
+        None, description="Thinking budget: none 0, low 128, medium 512, high 2048 reasoning tokens, after which "
+                          "'</think>' is forced and the answer generated. Omitted: serve.thinking_budget.")
     response_format: dict[str, Any] | None = None
-    seed: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
-    stop: str | list[str] | None = None
-    stream: bool | None = False
+    seed: StrictInt | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
+    stop: StrictStr | list[StrictStr] | None = None
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0: greedy. Omitted: generate.temperature.")
+    temperature: StrictFloat | None = Field(
+        None, ge=0.0, le=2.0, description="0: greedy. Omitted: generate.temperature.")
     tool_choice: Any | None = None
     tools: list[dict[str, Any]] | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Omitted: generate.top_p.")
-    user: str | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    top_p: StrictFloat | None = Field(None, gt=0.0, le=1.0, description="Omitted: generate.top_p.")
+    user: StrictStr | None = None
 
     # medcot-specific fields that are not in the OpenAI spec
-    ignore_eos: bool = Field(
+    ignore_eos: StrictBool = Field(
         False, description="Keep generating past the end-of-sequence token up to max_tokens (benchmarks; as vLLM)."
     )
+    max_thinking_tokens: StrictInt | None = Field(
+        None, ge=0, description="Reasoning tokens before '</think>' is forced and the answer generated (0: answer at "
+                                "once). Omitted: reasoning_effort, else serve.thinking_budget.")
 
     def check_supported(self) -> None:
         """Reject spec features this server does not implement, naming the field.
@@ -137,6 +159,14 @@ class ChatCompletionRequest(OpenAIBaseModel):
         stops = self.stop_list()
         if len(stops) > 4 or any(not s for s in stops):
             raise RequestError("stop: up to 4 non-empty strings", param="stop")
+        if self.max_thinking_tokens is not None and self.reasoning_effort is not None:
+            raise RequestError("set max_thinking_tokens or reasoning_effort, not both", param="max_thinking_tokens")
+        for i, m in enumerate(self.messages):
+            # A question without text would be answered as an empty question; OpenAI requires content too.
+            if m.role != "assistant" and (m.content is None or (m.role == "user" and not m.text(i).strip())):
+                what = "is missing" if m.content is None else "is empty"
+                raise RequestError(f"messages[{i}].content {what}: a {m.role} message needs text",
+                                   param=f"messages.{i}.content")
         if self.messages[-1].role != "user":
             raise RequestError(
                 f"the last message must come from the user, got role {self.messages[-1].role!r}",
@@ -152,10 +182,15 @@ class ChatCompletionRequest(OpenAIBaseModel):
 # -- response --------------------------------------------------------------------------------------
 
 
+class CompletionTokensDetails(OpenAIBaseModel):
+    reasoning_tokens: int  # of completion_tokens, those before the reasoning closed (as OpenAI reports them)
+
+
 class UsageInfo(OpenAIBaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class ChatMessage(OpenAIBaseModel):
@@ -308,7 +343,7 @@ class RateLimitError(APIError):
 
 
 class ServiceUnavailableError(APIError):
-    """503: the request waited for a slot past serve.request_timeout_s, or the server is shutting down."""
+    """503: the model is loading, the request ran past serve.request_timeout_s, or the server is draining."""
 
     status_code = 503
     type = "server_error"

@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 from fastapi.testclient import TestClient
-from serve_utils import ScriptedEngine, tiny_config
+from serve_utils import ScriptedEngine, tiny_config, wait_ready
 
 import medcot.serve.app as app_module
 from medcot.serve import create_app
@@ -27,7 +27,9 @@ def make_client(tiny_model_dir):
         if scripted:
             mp.setattr(app_module, "Engine", type("Scripted", (ScriptedEngine,), {"step_delay_s": step_delay_s}))
         app = create_app(tiny_config(tiny_model_dir, *overrides))
-        return stack.enter_context(TestClient(app, raise_server_exceptions=False))
+        client = stack.enter_context(TestClient(app, raise_server_exceptions=False))
+        wait_ready(client)
+        return client
 
     yield make
     stack.close()

@@ -3,14 +3,17 @@ SSE parsing, and a real `medcot serve` subprocess."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
+import uvicorn
 
 from medcot.config import load_config
 from medcot.generate.engine import Engine
@@ -29,6 +32,8 @@ SCRIPTS = {
                   "family history, and still more to consider before",  # > 64 tokens, never closed
     "plain": "Rest and fluids.",  # with the chat template (no <think> in the prompt): all answer
     "tagged": "<think>\nFever and flank pain.\n</think>\nPyelonephritis.",
+    # EOS inside the reasoning (the model never closes it); what follows is the answer after a forced </think>.
+    "unclosed": "Rest, fluids and a review in a week<eos>Viral croup.",
 }
 DEFAULT_SCRIPT = "Thinking it through.\n</think>\nAn answer."
 
@@ -47,7 +52,10 @@ class ScriptedEngine(Engine):
             prompt = self.tokenizer.decode(row.ticket.prompt_ids).lower()
             found = [key for key in SCRIPTS if key in prompt]  # the key nearest the end: the latest question
             text = SCRIPTS[max(found, key=prompt.rfind)] if found else DEFAULT_SCRIPT
-            row.script = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            eos = self.tokenizer.eos_token_id
+            row.script = [t for part in text.split("<eos>")
+                          for t in [*self.tokenizer(part, add_special_tokens=False)["input_ids"], eos]]
+            row.skipped = 0
         return row.script
 
     def _sample(self, logits, rows):
@@ -55,10 +63,24 @@ class ScriptedEngine(Engine):
             time.sleep(self.step_delay_s)
         real = super()._sample(logits, rows)  # exercise the sampler too
         out = []
-        for r, tok in zip(rows, real):
+        for i, (r, tok) in enumerate(zip(rows, real)):
             script = self._script(r)
-            out.append(script[r.n_generated] if r.n_generated < len(script) else tok)
+            at = r.n_generated + r.skipped
+            if at < len(script) and logits[i, script[at]] == float("-inf"):
+                # The sampler masked it (EOS right after a forced </think>): the script goes on past it.
+                r.skipped += 1
+                at += 1
+            out.append(script[at] if at < len(script) else tok)
         return out
+
+
+def wait_ready(client, timeout: float = 120) -> None:
+    """The model loads in the background: wait until /health says the server is ready."""
+    deadline = time.monotonic() + timeout
+    while (r := client.get("/health")).status_code != 200:
+        assert r.json()["status"] == "loading", f"the server did not get ready: {r.json()}"
+        assert time.monotonic() < deadline, "the model did not load in time"
+        time.sleep(0.02)
 
 
 def tiny_config(model_dir, *overrides: str):
@@ -98,6 +120,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, ready: bool = True, listen_timeout: float = 60):
+    """The app on uvicorn in a thread; yields its URL once the server listens and, with `ready`, once the
+    model has loaded (/health 200)."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + listen_timeout
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start listening"
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{server.config.port}"
+    deadline = time.monotonic() + 120
+    while ready and httpx.get(f"{url}/health", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "the model did not load"
+        time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(15)
 
 
 class LiveServer:

@@ -95,12 +95,64 @@ def test_completion_splits_reasoning_from_answer(client):
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
-def test_never_closed_reasoning_has_no_answer(client):
+def test_never_closed_reasoning_gets_an_answer(client):
+    """The thinking budget (serve.thinking_budget, here capped by max_tokens) forces </think> and an answer phase:
+    content is never null on the default server, as it was when all 10 tokens went into the reasoning."""
     r = client.post("/v1/chat/completions", json=chat("unfinished business", max_tokens=10))
-    choice = r.json()["choices"][0]
-    assert choice["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 10
-    assert choice["message"]["content"] is None
+    choice, usage = r.json()["choices"][0], r.json()["usage"]
+    assert choice["finish_reason"] == "length" and usage["completion_tokens"] == 10
+    assert usage["completion_tokens_details"] == {"reasoning_tokens": 5}  # half of a short max_tokens answers
     assert SCRIPTS["unfinished"].startswith(choice["message"]["reasoning"])
+    assert choice["message"]["content"], "the forced answer phase"
+
+
+def test_eos_inside_the_reasoning_gets_an_answer(client):
+    """The model stops (EOS) without closing its reasoning: the EOS ends the reasoning, </think> is forced and
+    the answer generated."""
+    reasoning, answer = SCRIPTS["unclosed"].split("<eos>")
+    choice = client.post("/v1/chat/completions", json=chat("unclosed", max_tokens=40)).json()["choices"][0]
+    assert (choice["message"]["reasoning"], choice["message"]["content"]) == (reasoning, answer)
+    assert choice["finish_reason"] == "stop"
+    with client.stream("POST", "/v1/chat/completions", json=chat("unclosed", max_tokens=40, stream=True)) as r:
+        chunks, done = read_sse(r.iter_lines())
+    assert done and (joined(chunks, "reasoning"), joined(chunks, "content")) == (reasoning, answer)
+
+
+def test_without_a_budget_the_reasoning_may_stay_unclosed(make_client):
+    c = make_client("serve.thinking_budget=null")
+    choice = c.post("/v1/chat/completions", json=chat("unfinished business", max_tokens=10)).json()["choices"][0]
+    assert choice["finish_reason"] == "length" and choice["message"]["content"] is None
+    assert SCRIPTS["unfinished"].startswith(choice["message"]["reasoning"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "reasoning_tokens"),
+    [({"reasoning_effort": "none"}, 0), ({"max_thinking_tokens": 0}, 0), ({"max_thinking_tokens": 7}, 7),
+     ({"reasoning_effort": "low", "ignore_eos": True}, 128)],
+)
+def test_per_request_thinking_control(make_client, extra, reasoning_tokens):
+    """max_thinking_tokens and reasoning_effort (none 0, low 128, ...) set the budget; without max_tokens the
+    request gets room for the whole budget and its answer."""
+    c = make_client("serve.thinking_budget=null")
+    r = c.post("/v1/chat/completions", json=chat("unfinished business", **extra))
+    body = r.json()
+    assert body["usage"]["completion_tokens_details"]["reasoning_tokens"] == reasoning_tokens
+    msg = body["choices"][0]["message"]
+    if not extra.get("ignore_eos"):  # past its script the tiny model writes only newlines: no visible answer
+        assert msg["content"]
+    if reasoning_tokens:
+        assert msg["reasoning"][:30] == SCRIPTS["unfinished"][:30]
+    else:
+        assert msg["reasoning"] is None and SCRIPTS["unfinished"].startswith(msg["content"])
+
+
+def test_thinking_control_is_validated(client):
+    body = chat("q", max_thinking_tokens=5, reasoning_effort="low")
+    assert_error(client.post("/v1/chat/completions", json=body), 400, "invalid_request_error", "max_thinking_tokens")
+    assert_error(client.post("/v1/chat/completions", json=chat("q", reasoning_effort="extreme")), 400,
+                 "invalid_request_error", "reasoning_effort")
+    assert_error(client.post("/v1/chat/completions", json=chat("q", max_thinking_tokens=-1)), 400,
+                 "invalid_request_error", "max_thinking_tokens")
 
 
 def test_answer_without_think_tags_is_all_content(make_client):
@@ -203,6 +255,73 @@ def test_invalid_bodies_are_400(client, body, param):
 
 
 @pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        (chat("q", max_tokens="2"), "max_tokens", "valid integer"),
+        (chat("q", max_tokens=True), "max_tokens", "valid integer"),
+        (chat("q", max_tokens=2.0), "max_tokens", "valid integer"),
+        (chat("q", max_completion_tokens="8"), "max_completion_tokens", "valid integer"),
+        (chat("q", stream="yes"), "stream", "valid boolean"),
+        (chat("q", stream=1), "stream", "valid boolean"),
+        (chat("q", temperature="0.5"), "temperature", "valid number"),
+        (chat("q", temperature=True), "temperature", "valid number"),
+        (chat("q", seed="7"), "seed", "valid integer"),
+        (chat("q", ignore_eos="true"), "ignore_eos", "valid boolean"),
+        (chat("q", stream=True, stream_options={"include_usage": "yes"}), "stream_options.include_usage",
+         "valid boolean"),
+        ({"messages": [{"role": "user"}]}, "messages.0.content", "is missing"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages.0.content", "is missing"),
+        ({"messages": [{"role": "user", "content": ""}]}, "messages.0.content", "is empty"),
+        ({"messages": [{"role": "user", "content": "  \n "}]}, "messages.0.content", "is empty"),
+        ({"messages": [{"role": "user", "content": []}]}, "messages.0.content", "is empty"),
+        ({"messages": [{"role": "system"}, {"role": "user", "content": "q"}]}, "messages.0.content", "is missing"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None},
+                       {"role": "user", "content": ""}]}, "messages.2.content", "is empty"),
+    ],
+)
+def test_strict_types_are_400_naming_the_field(client, body, param, says):
+    """As the OpenAI API: a string, bool or float where an integer goes, a string for a bool, a user message
+    without text are refused (they used to be converted, or answered as an empty question)."""
+    err = assert_error(client.post("/v1/chat/completions", json=body), 400, "invalid_request_error")
+    assert err["param"] == param or err["param"].startswith(param + "."), err
+    assert says in err["message"] and param.split(".")[0] in err["message"].replace("[", ".")
+
+
+def test_an_assistant_turn_may_have_null_content(client):
+    body = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None},
+                         {"role": "user", "content": "croup?"}]}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=str)
+@pytest.mark.parametrize("field", ["temperature", "top_p", "presence_penalty"])
+def test_nan_and_infinity_must_be_finite(client, field, value):
+    import json
+
+    raw = json.dumps(chat("q", **{field: value}))  # NaN / Infinity: Python's JSON reads them, the spec has none
+    r = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    err = assert_error(r, 400, "invalid_request_error", field)
+    assert f"{field}: must be a finite number" in err["message"] and "less than" not in err["message"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "got"),
+    [({"content-type": "text/plain"}, "'text/plain'"),
+     ({"content-type": "application/x-www-form-urlencoded"}, "'application/x-www-form-urlencoded'"),
+     ({}, "no Content-Type header")],
+)
+def test_a_body_not_sent_as_json_says_to_send_application_json(client, headers, got):
+    import json
+
+    r = client.post("/v1/chat/completions", content=json.dumps(chat("croup?")), headers=headers)
+    err = assert_error(r, 400, "invalid_request_error", "Content-Type", "invalid_content_type")
+    assert "Content-Type: application/json" in err["message"] and got in err["message"]
+    assert "dictionary" not in err["message"]
+    ok = {"content-type": "application/json; charset=utf-8"}
+    assert client.post("/v1/chat/completions", content=json.dumps(chat("croup?")), headers=ok).status_code == 200
+
+
+@pytest.mark.parametrize(
     ("extra", "param"),
     [({"n": 2}, "n"), ({"logprobs": True}, "logprobs"), ({"tools": [{"type": "function"}]}, "tools"),
      ({"presence_penalty": 0.5}, "presence_penalty"), ({"response_format": {"type": "json_object"}}, "response_format"),
@@ -232,7 +351,7 @@ def test_bad_json_is_400(client):
 
 
 def test_unknown_fields_are_ignored(client):
-    r = client.post("/v1/chat/completions", json=chat("croup?", reasoning_effort="high", metadata={"a": "b"}))
+    r = client.post("/v1/chat/completions", json=chat("croup?", metadata={"a": "b"}, prompt_cache_key="k"))
     assert r.status_code == 200
 
 
@@ -280,13 +399,18 @@ def keyed(make_client):
     return make_client(api_key=KEY)
 
 
-@pytest.mark.parametrize("header", [None, "Bearer wrong", f"Basic {KEY}", f"Bearer {KEY}x", KEY])
+@pytest.mark.parametrize("header", [None, "", "Bearer wrong", f"Basic {KEY}", f"Bearer {KEY}x", KEY])
 def test_missing_or_wrong_key_is_401(keyed, header):
-    headers = {"Authorization": header} if header else {}
+    """A missing key and a wrong one need different fixes, so the messages differ."""
+    headers = {"Authorization": header} if header is not None else {}
     for r in (keyed.post("/v1/chat/completions", json=chat("croup?"), headers=headers),
               keyed.get("/v1/models", headers=headers)):
         err = assert_error(r, 401, "invalid_request_error", code="invalid_api_key")
         assert KEY not in err["message"] and r.headers["www-authenticate"] == "Bearer"
+        if header:
+            assert "not accepted" in err["message"] and "requires an API key" not in err["message"]
+        else:
+            assert "requires an API key" in err["message"] and "not accepted" not in err["message"]
 
 
 def test_right_key_is_accepted_and_page_stays_open(keyed):
@@ -351,32 +475,43 @@ def test_past_capacity_is_429_with_retry_after(make_client):
     assert c.get("/health").json()["stats"]["rejected"] == 1
 
 
-def test_waiting_past_the_timeout_is_503(make_client):
-    # Each step takes 1 s: the first request holds the only slot past the second one's deadline.
-    c = make_client("serve.max_batch_size=1", "serve.request_timeout_s=0.5", step_delay_s=1.0)
-    first, out = _in_background(c, chat("unfinished", max_tokens=30))
+def test_waiting_past_the_timeout_is_503_at_the_deadline(make_client):
+    # Each step takes 1.5 s: the first request holds the only slot past the second one's deadline. The 503 comes
+    # at the deadline, not when the engine next looks at its queue (a step later).
+    c = make_client("serve.max_batch_size=1", "serve.request_timeout_s=0.5", step_delay_s=1.5)
+    first, out = _in_background(c, chat("unfinished", max_tokens=3))
     _wait_for(c, running=1)
+    t0 = time.monotonic()
     r = c.post("/v1/chat/completions", json=chat("croup?"))
-    assert_error(r, 503, "server_error", code="timeout")
-    assert int(r.headers["retry-after"]) >= 1
+    elapsed = time.monotonic() - t0
+    err = assert_error(r, 503, "server_error", code="timeout")
+    assert int(r.headers["retry-after"]) >= 1 and "serve.request_timeout_s=0.5" in err["message"]
+    assert 0.4 < elapsed < 1.2, elapsed
     first.join(30)
 
 
-def test_generation_past_the_timeout_ends_cleanly(make_client):
+def test_generation_past_the_timeout_is_503_never_a_short_200(make_client):
+    """A request still generating at its deadline: 503 (JSON), or an error event and [DONE] (a started stream),
+    never a 200 that looks finished."""
     c = make_client("serve.request_timeout_s=0.6", step_delay_s=0.05)
+    t0 = time.monotonic()
     r = c.post("/v1/chat/completions", json=chat("unfinished", max_tokens=60))
-    assert r.status_code == 200
-    body = r.json()
-    assert body["choices"][0]["finish_reason"] == "length" and 0 < body["usage"]["completion_tokens"] < 60
+    assert_error(r, 503, "server_error", code="timeout")
+    assert time.monotonic() - t0 < 0.6 + 0.5
     with c.stream("POST", "/v1/chat/completions", json=chat("unfinished", max_tokens=60, stream=True)) as r:
+        assert r.status_code == 200
         chunks, done = read_sse(r.iter_lines())
-    assert done and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert done and chunks[-1]["error"]["code"] == "timeout"
+    assert not any(c["choices"][0]["finish_reason"] for c in chunks[:-1])
+    deadline = time.monotonic() + 5  # the engine drops them at its next step and counts them
+    while c.get("/health").json()["stats"]["timed_out"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert c.get("/health").json()["stats"]["timed_out"] == 2
 
 
 def test_generation_error_is_500_and_the_server_recovers(make_client, monkeypatch):
     c = make_client()
-    engine = c.app.state.served.engine
+    engine = c.app.state.life.served.engine
     calls = {"n": 0}
     real = engine._forward
 

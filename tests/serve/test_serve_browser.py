@@ -8,16 +8,13 @@ docs/serve_screenshot.png.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import uvicorn
-from serve_utils import REPO, SCRIPTS, ScriptedEngine, free_port, tiny_config
+from serve_utils import REPO, SCRIPTS, ScriptedEngine, serve_in_thread, tiny_config
 
 import medcot.serve.app as app_module
 from medcot.serve import create_app
@@ -26,22 +23,6 @@ CHROMIUM = os.environ.get("MEDCOT_CHROMIUM", "/usr/bin/chromium")
 # As root in a container: no sandbox; and no background connections (this machine has no network).
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-@contextlib.contextmanager
-def _serve_in_thread(app):
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 def _app(tiny_model_dir, mp, api_key=None):
@@ -78,7 +59,7 @@ def _open(browser, url):
 def page_url(tiny_model_dir):
     with pytest.MonkeyPatch.context() as mp:
         app = _app(tiny_model_dir, mp)
-        with _serve_in_thread(app) as url:
+        with serve_in_thread(app) as url:
             yield url, app
 
 
@@ -152,7 +133,7 @@ def test_follow_up_keeps_the_conversation(page, tmp_path):
 
 
 def test_stop_button_ends_the_generation(page, page_url):
-    engine = page_url[1].state.served.engine
+    engine = page_url[1].state.life.served.engine
     before = engine.stats.cancelled
     _ask(page, "unfinished thoughts on a long case")
     last = page.locator(".msg.assistant").last
@@ -166,14 +147,55 @@ def test_stop_button_ends_the_generation(page, page_url):
     assert engine.load()["running"] == 0
 
 
+def test_follow_ups_send_earlier_answers_with_content(page):
+    """Every earlier assistant turn goes back with text: the answer, or the reasoning so far for the stopped
+    one (it used to go back as content "", so the model lost that part of the conversation)."""
+    sent = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+    _ask(page, "And what causes croup in adults?")
+    _wait_done(page)
+    messages = sent[-1]["messages"]
+    assistant = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert len(assistant) == 3 and all(text.strip() for text in assistant), assistant
+    assert assistant[0] == SCRIPTS["croup"].split("</think>")[1].strip()
+    assert SCRIPTS["unfinished"].startswith(assistant[2])  # the stopped turn: its reasoning so far
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 3 + ["user"]
+
+
+def test_max_tokens_above_the_limit_says_so(page, page_url):
+    """With Settings folded, Send used to do nothing (the browser's bubble has nowhere to show); now the page
+    opens Settings on the field and says what the limit is, and sends nothing until it is fixed."""
+    limit = page_url[1].state.life.served.cfg.serve.max_tokens_limit
+    page.evaluate("() => { document.querySelector('.settings').open = false; }")
+    page.evaluate(f"() => {{ document.querySelector('#max-tokens').value = '{limit + 1}'; }}")
+    answers = page.locator(".msg.assistant").count()
+    page.fill("#question", "What causes croup?")
+    page.press("#question", "Enter")
+    status = page.locator("#status")
+    status.filter(has_text=str(limit)).wait_for(timeout=5_000)
+    assert "Max tokens" in status.inner_text() and page.locator("#max-tokens").is_visible()
+    assert page.locator(".msg.assistant").count() == answers and page.input_value("#question") == "What causes croup?"
+    page.fill("#max-tokens", "40")
+    page.press("#question", "Enter")
+    _wait_done(page)
+    assert page.locator(".msg.assistant").count() == answers + 1
+
+
 def test_page_asks_for_the_api_key(browser, tiny_model_dir):
-    with pytest.MonkeyPatch.context() as mp, _serve_in_thread(_app(tiny_model_dir, mp, api_key="sk-page-key")) as url:
+    """A missing key and a wrong key get different messages; the right one is then used."""
+    with pytest.MonkeyPatch.context() as mp, serve_in_thread(_app(tiny_model_dir, mp, api_key="sk-page-key")) as url:
         page = _open(browser, url)
         page.wait_for_function("() => document.querySelector('#model-name').textContent !== ''")
         assert page.locator("#key-row").count() == 1
         _ask(page, "What causes croup?")
-        page.locator(".msg.assistant .meta .error").filter(has_text="API key").wait_for(timeout=30_000)
+        missing = page.locator(".msg.assistant .meta .error").last
+        missing.filter(has_text="needs an API key").wait_for(timeout=30_000)
         assert page.locator("#api-key").is_visible()  # settings opened on the key field
+        page.fill("#api-key", "sk-wrong-key")
+        _ask(page, "What causes croup?")
+        wrong = page.locator(".msg.assistant").nth(1).locator(".meta .error")
+        wrong.filter(has_text="not accepted").wait_for(timeout=30_000)
+        assert "needs an API key" not in wrong.inner_text()
         page.fill("#api-key", "sk-page-key")
         _ask(page, "What causes croup?")
         page.locator(".msg.assistant").last.locator(".answer").filter(has_text="parainfluenza").wait_for(timeout=60_000)

@@ -4,7 +4,10 @@ streamed answers with the reasoning field, errors through the client, and secret
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 
 import openai
 import pytest
@@ -48,7 +51,9 @@ def test_non_streaming_and_streaming_agree(oai):
     msg = r.choices[0].message
     reasoning, alias = _reasoning(msg)
     assert msg.role == "assistant" and alias == reasoning
-    assert reasoning or msg.content, "the model said something"
+    # The default server (embedded model, seed template) answers in content: the thinking budget forces
+    # </think> and the answer phase within max_tokens (before, every answer was content=None).
+    assert msg.content and msg.content.strip(), r
     assert r.choices[0].finish_reason in ("stop", "length")
     assert 0 < r.usage.completion_tokens <= 6 and r.usage.prompt_tokens > 20
 
@@ -69,6 +74,53 @@ def test_non_streaming_and_streaming_agree(oai):
     assert (s_reasoning or None, s_content or None) == (reasoning, msg.content)
     assert s_alias == s_reasoning
     assert finish == r.choices[0].finish_reason and usage.completion_tokens == r.usage.completion_tokens
+
+
+@pytest.mark.slow
+def test_lm_evaluation_harness_gets_answers(live, tmp_path):
+    """lm-evaluation-harness `local-chat-completions` (as docs/serve.md shows) on a local JSONL task, no hub:
+    every item gets a non-empty answer, and the harness never warns about null content."""
+    data = tmp_path / "mini.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in [
+        {"question": QUESTION, "answer": "croup"},
+        {"question": "What is the first-line treatment for anaphylaxis?", "answer": "adrenaline"}]))
+    (tmp_path / "medcot_mini.yaml").write_text(LM_EVAL_TASK.format(data=data))
+    out = tmp_path / "out"
+    env = {**server_env(OPENAI_API_KEY=KEY), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "run", "--model", "local-chat-completions", "--model_args",
+         f"model=medcot,base_url={live.url}/v1/chat/completions,tokenizer_backend=None,tokenized_requests=False,"
+         "num_concurrent=1,max_retries=1", "--include_path", str(tmp_path), "--tasks", "medcot_mini",
+         "--apply_chat_template", "--output_path", str(out), "--log_samples"],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "null content" not in run.stdout + run.stderr
+    samples = [json.loads(line) for path in out.rglob("samples_medcot_mini_*.jsonl") for line in path.open()]
+    assert len(samples) == 2
+    for sample in samples:
+        assert sample["resps"][0][0].strip(), sample  # the harness read an answer from `content`
+
+
+# A local task: JSONL through the `json` dataset builder, so the harness needs no hub access. No stop strings
+# (`until: []`): they would also match inside the reasoning. Greedy, 8 tokens: 4 of reasoning, 4 of answer.
+LM_EVAL_TASK = """\
+task: medcot_mini
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: []
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    ignore_case: true
+"""
 
 
 def test_wrong_key_and_limits_through_the_client(live, oai):

@@ -32,14 +32,32 @@ async function loadServerInfo() {
     state.model = info.model;
     state.authRequired = info.auth_required;
     $("model-name").textContent = `model: ${info.model}`;
-    $("max-tokens").value = info.default_max_tokens;
     $("max-tokens").max = info.max_tokens_limit;
     $("key-row").hidden = !info.auth_required;
     const saved = sessionStorage.getItem("medcot-api-key");
     if (saved) $("api-key").value = saved;
+    if (info.status === "loading") {  // the server listens while the model loads: ask again until it is ready
+      $("status").textContent = "The model is loading…";
+      setTimeout(loadServerInfo, 2000);
+      return;
+    }
+    if (!$("max-tokens").value) $("max-tokens").value = info.default_max_tokens ?? "";
+    $("status").textContent = info.status === "ok" ? "" : `The server is ${info.status}.`;
   } catch (e) {
     $("status").textContent = "The server did not answer /health.";
   }
+}
+
+// The form is not validated by the browser (novalidate): its message bubble cannot show on a field inside the
+// collapsed Settings, so Send did nothing. Say what is wrong and open Settings on the field instead.
+function maxTokensProblem() {
+  const input = $("max-tokens");
+  const raw = input.value.trim();
+  if (raw === "") return null;  // the server's default
+  const value = Number(raw);
+  const limit = Number(input.max) || Infinity;
+  if (Number.isInteger(value) && value >= 1 && value <= limit) return null;
+  return `Max tokens must be a whole number from 1 to ${limit} (this server's limit): change it under Settings.`;
 }
 
 function addUserMessage(text) {
@@ -126,7 +144,13 @@ async function ask(question) {
       if (response.status === 401) {
         $("key-row").hidden = false;
         document.querySelector(".settings").open = true;
-        message = "This server needs an API key: enter it under Settings and send again.";
+        if (key) {  // a wrong key needs correcting, a missing one entering: say which
+          sessionStorage.removeItem("medcot-api-key");
+          message = "The API key was not accepted: check the key under Settings (the server's MEDCOT_API_KEY) and send again.";
+        } else {
+          message = "This server needs an API key: enter it under Settings and send again.";
+        }
+        $("api-key").focus();
       } else if (response.status === 429 || response.status === 503) {
         message = `The server is busy; try again in ${response.headers.get("Retry-After") || "a few"} s. (${message})`;
       }
@@ -183,8 +207,12 @@ async function ask(question) {
     const tokens = usage ? ` · ${usage.completion_tokens} tokens` : "";
     view.meta.append(el("span", null, `${seconds} s${tokens} · finish: ${finish}`));
   }
-  // The conversation keeps the answers only: earlier reasoning is not sent back to the model.
-  state.history.push({ role: "assistant", content: view.content });
+  // The conversation keeps what the model said, so that a follow-up has it: the answer (earlier reasoning is not
+  // sent back), or, when there is none (stopped, cut short), the reasoning so far. Nothing came back at all:
+  // the question leaves the conversation too, rather than an empty assistant turn.
+  const said = view.content || view.reasoningText.textContent.trim();
+  if (said) state.history.push({ role: "assistant", content: said });
+  else state.history.pop();
 }
 
 function init() {
@@ -193,6 +221,13 @@ function init() {
     event.preventDefault();
     const question = $("question").value.trim();
     if (!question || state.controller) return;
+    const problem = maxTokensProblem();
+    if (problem) {
+      document.querySelector(".settings").open = true;
+      $("max-tokens").focus();
+      $("status").textContent = problem;
+      return;
+    }
     $("question").value = "";
     ask(question);
   });
