@@ -181,6 +181,63 @@ def profile_decode(engine, prompts, device, steps: int = 8) -> dict:
                             for k, t, c in kernels[:14]]}
 
 
+VARIANTS = {  # name -> (label, environment, ...): the engine with one lever changed
+    "nocompile": ("medcot engine, no torch.compile", {"MEDCOT_COMPILE": "0"}, 0, 0),
+    "fuse": ("medcot engine, fused qkv/gate-up", {"MEDCOT_FUSE_PROJ": "1"}, 0, 0),
+    "sdpa": ("medcot engine, SDPA decode attention", {"MEDCOT_DECODE_ATTN": "sdpa"}, 0, 0),
+    "fusesdpa": ("medcot engine, fused + SDPA", {"MEDCOT_FUSE_PROJ": "1", "MEDCOT_DECODE_ATTN": "sdpa"}, 0, 0),
+}
+
+
+def variant(model, tok, prompts, device, max_len, label, env, c, new) -> dict:
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        e = make_engine(model, tok, c, max_len)
+        w = warm_up(e, prompts, c, device)
+        r = engine_run(e, prompts[:c], new, device, label=label)
+        e.close()
+        return {**r, "warmup_s": w["warmup_s"]}
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def numerics(model, tok, prompts, device, n: int = 16) -> dict:
+    """The engine against HF on this model: logits along HF's greedy continuation (teacher forcing, the engine's
+    prefill + CUDA-graph decode), and the engine's own greedy tokens against HF generate's."""
+    from medcot.generate.engine import Request, SamplingParams
+    from medcot.generate.runner import ModelRunner
+
+    ps = [prompts[0][:100], prompts[1][:256]]
+    ids = [torch.tensor([p], device=device) for p in ps]
+    kw = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=0)
+    with torch.inference_mode():
+        hf = [model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                             **kw)[0, x.shape[1]:].tolist() for x in ids]
+        runner = ModelRunner(model, slots=2, max_len=512)
+        outs = [runner.prefill(ps, [0, 1]).clone()]
+        for k in range(n - 1):
+            outs.append(runner.decode([h[k] for h in hf], [len(p) + k for p in ps]).clone())
+        rel, agree, total = 0.0, 0, 0
+        for i, (p, h) in enumerate(zip(ps, hf)):
+            ref = model(torch.tensor([p + h], device=device)).logits[0, len(p) - 1:-1].float()
+            mine = torch.stack([o[i] for o in outs])
+            rel = max(rel, ((mine - ref).abs().max() / ref.abs().max()).item())
+            agree += (mine.argmax(-1) == ref.argmax(-1)).sum().item()
+            total += n
+        del runner
+    engine = make_engine(model, tok, 2, 512)
+    reqs = [Request(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p in ps]
+    engine.run(reqs)
+    prefix = [next((j for j, (x, y) in enumerate(zip(r.token_ids, h)) if x != y), n) for r, h in zip(reqs, hf)]
+    return {"teacher_forced_max_rel_logit_err": round(rel, 5), "teacher_forced_argmax_agreement": agree / total,
+            "greedy_tokens_equal_to_hf_before_first_difference": prefix, "tokens": n}
+
+
 # -- the run ---------------------------------------------------------------------------------------------
 
 
@@ -201,6 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--gb-concurrency", type=int, default=64, help="generate_batch requests (0: skip)")
     p.add_argument("--gb-new", type=int, default=128)
     p.add_argument("--no-compile-check", action="store_true", help="engine without torch.compile too (short runs)")
+    p.add_argument("--variants", default="", help="engine variants, NAME1 (1 stream) or NAMEN (--concurrency): "
+                                                  "nocompile, fuse, sdpa, fusesdpa")
+    p.add_argument("--numerics", action="store_true", help="engine logits and greedy tokens against HF's")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--second-start", action="store_true", help="warm-up time in a fresh process (warm compile cache)")
     p.add_argument("--warmup-only", action="store_true", help=argparse.SUPPRESS)
@@ -274,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.profile:
         report["profile"].append(section("profile, 1 stream", lambda: profile_decode(single, prompts[:1], device)))
     single.close()
-    del single
+    single = None  # drop the engine's KV cache before the next one is built
     big = make_engine(model, tok, a.concurrency, max_len)
     report["warmup"]["concurrent_cold"] = section(f"engine warm-up, {a.concurrency} slots",
                                                   lambda: warm_up(big, prompts, a.concurrency, device))
@@ -288,11 +348,14 @@ def main(argv: list[str] | None = None) -> dict:
         report["profile"].append(section(f"profile, {a.concurrency} concurrent",
                                          lambda: profile_decode(big, prompts[:a.concurrency], device)))
     big.close()
-    del big
+    big = None
 
     # Today's paths.
-    row(section("HF generate, 1", lambda: hf_generate(model, prompts[:1], a.hf_single_new, device)))
-    row(section(f"HF generate, {a.hf_batch}", lambda: hf_generate(model, prompts[:a.hf_batch], a.hf_batch_new, device)))
+    if a.hf_single_new:
+        row(section("HF generate, 1", lambda: hf_generate(model, prompts[:1], a.hf_single_new, device)))
+    if a.hf_batch:
+        row(section(f"HF generate, {a.hf_batch}",
+                    lambda: hf_generate(model, prompts[:a.hf_batch], a.hf_batch_new, device)))
     if a.gb_concurrency:
         row(section(f"generate_batch, {a.gb_concurrency}",
                     lambda: hf_generate_batch(model, prompts[:a.gb_concurrency], a.gb_new, device)))
@@ -313,19 +376,17 @@ def main(argv: list[str] | None = None) -> dict:
             return {**json.loads(lines[-1][7:]), "process_s_incl_model_build": round(time.perf_counter() - t, 1)}
         report["warmup"]["concurrent_second_start"] = section("second start", second)
 
-    if a.no_compile_check:
-        def no_compile(c, new):
-            os.environ["MEDCOT_COMPILE"] = "0"
-            try:
-                e = make_engine(model, tok, c, max_len)
-                warm_up(e, prompts, c, device)
-                r = engine_run(e, prompts[:c], new, device, label="medcot engine, no torch.compile")
-                e.close()
-                return r
-            finally:
-                os.environ.pop("MEDCOT_COMPILE", None)
-        row(section("engine without compile, 1", lambda: no_compile(1, 256)))
-        row(section(f"engine without compile, {a.concurrency}", lambda: no_compile(a.concurrency, 128)))
+    if a.numerics:
+        report["numerics"] = section("numerics against HF", lambda: numerics(model, tok, prompts, device))
+
+    variants = [v for v in a.variants.split(",") if v] + (["nocompile1", "nocompileN"] if a.no_compile_check else [])
+    for name in variants:
+        label, env, c, new = VARIANTS[name.rstrip("1N")]
+        c, new = (1, a.single_new) if name.endswith("1") else (a.concurrency, a.new_tokens)
+        if name.startswith("nocompile"):
+            new = 256 if c == 1 else 128
+        row(section(f"{label}, {c}", lambda label=label, env=env, c=c, new=new: variant(
+            model, tok, prompts, device, max_len, label, env, c, new)))
 
     # Bandwidth floor of one decode step: every weight read once (KV reads come on top).
     report["weight_gib"] = round(weight_bytes / 2**30, 2)
@@ -357,6 +418,8 @@ def print_table(report: dict) -> None:
                   f"{prof['step_gpu_ms']} ms")
             for k in prof["top_kernels"][:8]:
                 print(f"    {k['ms_per_step']:>8.3f} ms  x{k['calls_per_step']:<4} {k['name']}")
+    if report.get("numerics"):
+        print(f"numerics against HF: {report['numerics']}")
     for note in report["notes"]:
         print("note:", note)
 

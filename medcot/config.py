@@ -287,7 +287,7 @@ class GenerateArgs:
     max_new_tokens: int = _help("Most tokens generated per answer (reasoning + answer).", 512)
     temperature: float = _help("0 means greedy decoding.", 0.0)
     top_p: float = _help("Nucleus sampling mass (with temperature > 0).", 1.0)
-    batch_size: int = _help("Prompts generated together (left-padded, KV cache).", 8)
+    batch_size: int = _help("Prompts generated together (the engine's concurrent slots for batch work: eval, reports, rollouts).", 8)
     seed: int = _help("Sampling seed.", 0)
 
 

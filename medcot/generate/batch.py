@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 import math
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 
 from medcot.config import GenerateArgs

@@ -41,7 +41,7 @@ import torch
 from medcot.errors import Overloaded, Unavailable
 from medcot.generate.detok import TextStream
 from medcot.generate.reasoning import FORCE_CLOSE, THINK_CLOSE, THINK_OPEN
-from medcot.generate.runner import ModelRunner, fit_slots
+from medcot.generate.runner import BATCH_BUCKETS, ModelRunner, fit_slots
 from medcot.generate.sampler import RowParams, sample
 
 log = logging.getLogger(__name__)
@@ -310,6 +310,8 @@ class Engine:
 
     def _run(self) -> None:
         with torch.inference_mode():
+            if self.device.type == "cuda":
+                self._warm_up()
             while True:
                 with self._cond:
                     self._expire_waiting()
@@ -329,6 +331,18 @@ class Engine:
             self._waiting.clear()
         for t in left:
             t.emit(Event("error", error=Unavailable("the server is shutting down", code="shutting_down")))
+
+    def _warm_up(self) -> None:
+        """Compile and capture the decode graphs of every batch size at the shortest cache length before the
+        first request, so that it does not wait for them (requests that come meanwhile wait in the queue)."""
+        try:
+            t0 = time.perf_counter()
+            runner = self._ensure_runner(self._max_len_hint or 2048)
+            runner.capture([b for b in BATCH_BUCKETS if b <= runner.slots] + [runner.slots], [256])
+            log.info("engine warm-up: %d slots of %d positions, %d CUDA graphs, %.1f s", runner.slots,
+                     runner.max_len, len(runner._graphs), time.perf_counter() - t0)
+        except Exception as e:  # the first requests pay for it instead
+            log.warning("engine warm-up failed (%s: %s); continuing without it", type(e).__name__, e)
 
     def _admit(self) -> list[Request]:
         """Waiting requests that get a slot now (caller holds the lock)."""
