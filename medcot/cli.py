@@ -95,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=["merged", "gguf"],
                    help="merged: 16-bit safetensors for transformers/vLLM; gguf: one file for llama.cpp/Ollama")
     p.add_argument("--out", metavar="DIR", help="export folder (default: RUN_DIR/export/<to>-<dtype>)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weight dtype (default: bf16 merged, fp16 gguf)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "q8_0", "q4_0", "q4_k_m"],
+                   help="weight dtype (default: bf16 merged, fp16 gguf); gguf also takes the quantized q8_0, q4_0, "
+                        "q4_k_m (q4_k_m needs llama.cpp: pip install llama-cpp-python)")
+    p.add_argument("--no-check", action="store_true",
+                   help="quantized gguf: skip the greedy-agreement check against the fp16 file")
     p.add_argument("--force", action="store_true", help="replace an existing export folder")
     p.add_argument("--push", metavar="REPO_ID", help="upload the export to this hub model repo (token: HF_TOKEN)")
     p.add_argument("--dry-run", action="store_true", help="with --push: list the files and sizes, upload nothing")
@@ -125,11 +129,19 @@ def cmd_train(args) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from medcot.eval.run import evaluate_for_train
+    from medcot.rl.run import STAGES as GRPO_STAGES
+    from medcot.rl.run import summary_lines, train_grpo
     from medcot.train.run import train
 
     if args.resume and (args.config or args.overrides or args.stage):
         raise ConfigError("--resume continues a run with its own saved config; drop --config and overrides")
     cfg = None if args.resume else _config(args)
+    if cfg is None:  # resuming: the run's own config says which stages (train() reports a folder without one)
+        saved = Path(args.resume) / "config.yaml"
+        run_cfg = load_config(saved) if saved.is_file() else None
+    else:
+        run_cfg = cfg
+    grpo = run_cfg is not None and run_cfg.train.stage in GRPO_STAGES
     rank = int(os.environ.get("RANK", "0"))  # under torchrun / accelerate launch: rank 0 speaks for the run
     if rank != 0:
         log.setLevel(logging.WARNING)
@@ -139,8 +151,14 @@ def cmd_train(args) -> int:
     if cfg is not None:
         _show_config(cfg, args.verbose)
     with logging_redirect_tqdm():
-        result = train(cfg, resume=args.resume, evaluate=evaluate_for_train)
+        if grpo:
+            result = train_grpo(cfg, resume=args.resume)
+        else:
+            result = train(cfg, resume=args.resume, evaluate=evaluate_for_train)
     if rank != 0:
+        return 0
+    if grpo:
+        print("\n" + "=" * 72 + "\n" + "\n".join(summary_lines(result)) + "\n" + "=" * 72)
         return 0
     cfg = cfg or load_config(Path(args.resume) / "config.yaml")
     print()
@@ -184,14 +202,24 @@ def cmd_ask(args) -> int:
                 section = "content"
             print(text, end="", flush=True)
 
-    for piece in batch.stream(model, tokenizer, formatter.encode_prompt(args.question), cfg.generate):
-        show(splitter.feed(piece))
+    pieces = batch.stream(model, tokenizer, formatter.encode_prompt(args.question), cfg.generate)
+    while True:
+        try:
+            show(splitter.feed(next(pieces)))
+        except StopIteration as end:  # the stream returns the whole Generation: it says why it stopped
+            generation = end.value
+            break
     show(splitter.flush())
+    limit = f"generate.max_new_tokens={cfg.generate.max_new_tokens}"
     if splitter.closed and section == "reasoning":  # closed, then nothing after the tag
         print("\n--- answer ---", end="")
     elif not splitter.closed:
-        print("\n--- answer ---\n(none: the model did not finish its reasoning within generate.max_new_tokens)", end="")
+        why = "the model ended its output inside its reasoning" if generation.finished else \
+            f"the reasoning did not finish within {limit}"
+        print(f"\n--- answer ---\n(none: {why})", end="")
     print()
+    print(f"[ended on the model's end token after {generation.num_tokens} tokens]" if generation.finished else
+          f"[stopped at {limit}: the output may be cut short]", file=sys.stderr)
     return 0
 
 
@@ -249,6 +277,10 @@ def cmd_data(args) -> int:
         formatter = PromptFormatter(tokenizer, cfg.prompt)
         _, lengths = encode_records(formatter, loaded.records, cfg.train.max_seq_length, cfg.data.overlong)
         print(f"tokens ({cfg.model.name_or_path} tokenizer, {cfg.prompt.template} template): {lengths.summary()}")
+        # The limit that matters is the one training will use: say where it came from.
+        print(f"train.max_seq_length={cfg.train.max_seq_length} and data.overlong={cfg.data.overlong} from "
+              + (args.config or "the defaults (pass the training config with --config)")
+              + (" + overrides" if args.overrides else ""))
     return 1 if loaded.skipped else 0
 
 
@@ -286,19 +318,24 @@ def cmd_eval(args, overlap_only: bool = False) -> int:
 
 
 def cmd_export(args) -> int:
-    from medcot.export.export import export, format_plan
+    from medcot.export.export import export, format_plan, quantization_lines
     result = export(args.run_dir, args.to, out=args.out, dtype=args.dtype, force=args.force,
-                    push=args.push, dry_run=args.dry_run)
+                    push=args.push, dry_run=args.dry_run, check=not args.no_check)
     print()
     print("=" * 72)
     print(f"Export            {result.out_dir}  ({result.to}, {result.dtype}"
           + (", existing export reused)" if result.reused else ")"))
+    if q := result.quantization:
+        for label, text in quantization_lines(result.dtype, q):
+            print(f"{label:<18}{text}")
     print(f"Model card        {result.out_dir / 'README.md'}")
     if result.to == "merged":
         template = "" if result.prompt_template == "seed" else f" prompt.template={result.prompt_template}"
         print(f"Try it            medcot ask \"<question>\" model.name_or_path={result.out_dir}{template}")
     else:
-        print(f"Try it            cd {result.out_dir} && ollama create {Path(args.run_dir).name.lower()} -f Modelfile")
+        gguf_file = next(name for name, _ in result.files if name.endswith(".gguf"))
+        print(f"Try it            llama-cli -m {result.out_dir / gguf_file} --jinja")
+        print(f"                  cd {result.out_dir} && ollama create {Path(args.run_dir).name.lower()} -f Modelfile")
     if args.push:
         print(f"{'Would upload' if args.dry_run else 'Uploaded':<18}to {args.push} (hub model repo)")
         print("\n".join(format_plan(result.files)))

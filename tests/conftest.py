@@ -78,7 +78,8 @@ def tiny_train_argv(tiny_model_dir):
             f"data.source={TINY_DATA}", "data.val_size=2", "train.sample_questions=1",
             "train.per_device_batch_size=2", "train.gradient_accumulation_steps=1",
             "train.max_steps=2", "train.warmup_steps=0", "train.learning_rate=1.0e-3", "train.max_seq_length=256",
-            "train.report_to=none", "generate.max_new_tokens=8", *overrides,
+            "train.report_to=none", "generate.max_new_tokens=8",
+            "train.sample_thinking_budget=8", "train.sample_answer_tokens=8", *overrides,
         ]
 
     return make

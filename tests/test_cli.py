@@ -170,7 +170,8 @@ def test_ask_with_an_adapter_streams_reasoning_and_answer(tiny_run_dir, capsys):
     assert lines[0] == "--- reasoning ---"
     assert "--- answer ---" in lines
     # A 2-step random model does not finish its reasoning in 6 tokens: ask says so rather than show nothing.
-    assert "(none: the model did not finish its reasoning within generate.max_new_tokens)" in out.out
+    assert "(none: the reasoning did not finish within generate.max_new_tokens=6)" in out.out
+    assert "[stopped at generate.max_new_tokens=6: the output may be cut short]" in out.err
 
 
 def test_ask_without_adapter_uses_the_configured_model(tiny_model_dir, capsys):
@@ -183,7 +184,12 @@ def test_ask_without_adapter_uses_the_configured_model(tiny_model_dir, capsys):
 def test_ask_shows_reasoning_and_answer_apart(tiny_run_dir, capsys, monkeypatch):
     """The streamed text is split at </think>: reasoning above, answer below, the tag itself in neither."""
     pieces = ["Fever with ", "dysuria.\n", "Flank pain: kidney.</think>\n\n", "Acute ", "pyelonephritis."]
-    monkeypatch.setattr(medcot.generate.batch, "stream", lambda *args, **kwargs: iter(pieces))
+
+    def stream(*args, **kwargs):  # like batch.stream: the pieces, then the whole Generation as its return value
+        yield from pieces
+        return medcot.generate.batch.Generation("".join(pieces), num_tokens=12, finished=True)
+
+    monkeypatch.setattr(medcot.generate.batch, "stream", stream)
     assert main(["ask", "Diagnosis?", "--adapter", str(tiny_run_dir)]) == 0
     out = capsys.readouterr().out
     reasoning, answer = out.split("--- answer ---\n")

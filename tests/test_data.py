@@ -147,15 +147,17 @@ def test_shared_original_files(shared_data):
     ("bad_row", "needle"),
     [
         ({"Question": "q?", "Response": "a"}, "row 3: field 'Complex_CoT' is missing"),
-        ({"Question": "q?", "Complex_CoT": None, "Response": "a"}, "row 3: field 'Complex_CoT' is missing"),
+        ({"Question": "q?", "Complex_CoT": None, "Response": "a"}, "row 3: field 'Complex_CoT' is null"),
         ({"Question": "q?", "Complex_CoT": "r", "Response": ""}, "row 3: field 'Response' is empty"),
         ({"Question": " \n\t", "Complex_CoT": "r", "Response": "a"}, "row 3: field 'Question' is empty"),
         ({"Question": 42, "Complex_CoT": "r", "Response": "a"}, "row 3: field 'Question' must be a string, got int"),
         ({"Question": "q", "Complex_CoT": ["a", "b"], "Response": "a"}, "row 3: field 'Complex_CoT' must be a string, got list"),
-        ('{"Question": "q?", "Complex_CoT": "r",', "row 3: invalid JSON"),
+        ('{"Question": "q?", "Complex_CoT": "r",', "row 3: invalid JSON (Expecting property name enclosed in double "
+                                                  "quotes at column 39)"),
+        ('{"Question": "q?', "row 3: invalid JSON (Unterminated string starting at column 14)"),
         ('["a list", "not an object"]', "row 3: expected an object with fields, got list"),
     ],
-    ids=["missing", "null", "empty", "whitespace", "int", "list", "invalid-json", "not-object"],
+    ids=["missing", "null", "empty", "whitespace", "int", "list", "invalid-json", "unterminated", "not-object"],
 )
 def test_bad_row_names_file_row_and_field(tmp_path, bad_row, needle):
     path = _jsonl(tmp_path / "d.jsonl", _rows(2) + [bad_row] + _rows(2))
@@ -202,7 +204,9 @@ def test_csv_row_errors(tmp_path):
 def test_json_file_errors(tmp_path):
     path = tmp_path / "d.json"
     path.write_text('[{"Question": "q"')
-    assert f"{path}: invalid JSON at line 1" in _error(path)
+    assert f"{path}: invalid JSON (Expecting ',' delimiter at line 1, column 18)" in _error(path)
+    path.write_text('[\n{"Question": "q')
+    assert f"{path}: invalid JSON (Unterminated string starting at line 2, column 14)" in _error(path)
     path.write_text('{"rows": []}')
     assert "expected a JSON list of row objects" in _error(path)
     path.write_text(json.dumps(_rows(2) + ["text"]))
@@ -318,3 +322,21 @@ def test_data_check_with_column_mapping(shared_data, capsys):
             "data.question_column=question", "data.reasoning_column=reasoning", "data.answer_column=answer"]
     assert main(argv) == 0
     assert "205 valid rows, 0 bad rows" in capsys.readouterr().out
+
+
+def test_data_check_takes_max_seq_length_from_the_config_in_use(tmp_path, capsys, tiny_model_dir):
+    """Token lengths are checked against the limit training will use: --config's, not the default."""
+    from medcot.config import TrainArgs
+
+    config = tmp_path / "train.yaml"
+    config.write_text(f"model:\n  name_or_path: {tiny_model_dir}\ntrain:\n  max_seq_length: 150\n"
+                      "data:\n  overlong: truncate\n")
+    assert main(["data", "check", str(TINY), "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "over max_seq_length=150 (truncated)" in out
+    assert f"train.max_seq_length=150 and data.overlong=truncate from {config}" in out
+
+    assert main(["data", "check", str(TINY), f"model.name_or_path={tiny_model_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert f"over max_seq_length={TrainArgs().max_seq_length} (dropped)" in out
+    assert "from the defaults (pass the training config with --config) + overrides" in out

@@ -1,8 +1,10 @@
-"""`medcot train` end to end: the run folder, LoRA vs base weights, adapter reload, resume after SIGTERM,
-divergence, W&B offline files, and no secrets anywhere.
+"""`medcot train` end to end: the run folder and its report, LoRA vs base weights, adapter reload,
+checkpoints that hold only what trains, divergence, W&B offline files (debug logs included) in the run
+folder, no secrets anywhere, and `medcot ask` saying why it stopped. Resuming after interruptions:
+tests/test_resume.py.
 
-The main run uses the real embedded model (SmolLM2-135M) for 2 short steps; resume, divergence and
-tracking use the tiny random Llama so they take seconds.
+The main run uses the real embedded model (SmolLM2-135M) for 2 short steps; the rest use the tiny random
+Llama so they take seconds.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import io
 import json
 import logging
 import math
-import signal
+import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -36,6 +40,7 @@ REAL_OVERRIDES = [
     "train.per_device_batch_size=1", "train.gradient_accumulation_steps=1",
     "train.max_steps=2", "train.warmup_steps=0", "train.learning_rate=1.0e-3", "train.save_steps=1",
     "train.report_to=none", "generate.max_new_tokens=8",
+    "train.sample_thinking_budget=16", "train.sample_answer_tokens=16",
 ]
 
 
@@ -79,6 +84,7 @@ def real_run(tmp_path_factory, embedded_dir):
     logger.addHandler(handler)
     stdout = io.StringIO()
     argv = ["train", f"train.output_dir={out}", "train.run_name=real", *REAL_OVERRIDES]
+    started = time.time()
     try:
         with pytest.MonkeyPatch.context() as mp, _capture_model(mp) as seen, contextlib.redirect_stdout(stdout):
             rc = main(argv)
@@ -86,7 +92,8 @@ def real_run(tmp_path_factory, embedded_dir):
         logger.removeHandler(handler)
         logger.setLevel(old_level)
     assert rc == 0
-    return {"dir": out / "real", "argv": argv, "stdout": stdout.getvalue(), "log": handler.lines, **seen}
+    return {"dir": out / "real", "argv": argv, "stdout": stdout.getvalue(), "log": handler.lines,
+            "elapsed": time.time() - started, **seen}
 
 
 # -- the real embedded model ----------------------------------------------------------------------
@@ -126,7 +133,6 @@ def test_run_folder_explains_itself(real_run):
     report = (run / "report.md").read_text()
     assert "not medical advice" in report
     assert "| loss | " in report and f"{before:.4f}" in report and f"{after:.4f}" in report
-    assert "before (base model)" in report and "after (base + adapter)" in report
     assert report.count("### Question ") == 1  # train.sample_questions=1
     assert "![loss curve](loss.png)" in report
 
@@ -135,9 +141,57 @@ def test_run_folder_explains_itself(real_run):
     assert json.loads((run / "checkpoints" / "step-000002" / "state.json").read_text())["step"] == 2
 
 
+def test_report_shows_final_answers_as_plain_text_and_names_every_file(real_run):
+    run = real_run["dir"]
+    report = (run / "report.md").read_text()
+    # Plain markdown that reads as text: no HTML table or collapsible blocks.
+    assert not any(tag in report for tag in ("<table", "<td", "<details", "<summary"))
+    assert "**Before (base model)**" in report and "**After (base + adapter)**" in report
+    assert "**Reference answer (from the data)**" in report
+    # The thinking budget (16 reasoning tokens here) closes every reasoning, so both answers reach a final answer.
+    result = json.loads((run / "result.json").read_text())
+    for answer in result["answers_before"] + result["answers_after"]:
+        assert "</think>" in answer
+    assert report.count("Final answer:") == 2 and "(no final answer" not in report
+    # The file list names every entry of the run folder, and what the adapter and checkpoints hold.
+    files = report.split("\n## Files\n")[1]
+    for path in run.iterdir():
+        assert f"- `{path.name}{'/' if path.is_dir() else ''}`: " in files, path.name
+        if path.name in ("adapter", "checkpoints"):
+            for inner in path.iterdir():
+                assert f"`{inner.name}" in files, inner
+    assert "not written by medcot" not in files
+
+
+def test_checkpoints_hold_only_what_trains(real_run):
+    """SmolLM2 ties lm_head to the embeddings: the frozen alias must not ride along in the checkpoint."""
+    lora = {n for n, p in real_run["model"].named_parameters() if p.requires_grad}
+    checkpoint = real_run["dir"] / "checkpoints" / "step-000002"
+    assert set(load_file(checkpoint / "trainable.safetensors")) == lora
+    assert set(torch.load(checkpoint / "optimizer.pt", weights_only=False)["state"]) == lora
+    adapter = (real_run["dir"] / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert (checkpoint / "trainable.safetensors").stat().st_size < 1.1 * adapter  # the same tensors, key names aside
+
+
+def test_wall_time_is_counted_once(real_run):
+    """At most the time `medcot train` took in this process, and the same in summary, manifest and report."""
+    manifest = json.loads((real_run["dir"] / "manifest.json").read_text())
+    wall = json.loads((real_run["dir"] / "result.json").read_text())["wall_s"]
+    steps = [json.loads(l)["step_time_s"] for l in (real_run["dir"] / "metrics.jsonl").read_text().splitlines()]
+    assert sum(steps) <= wall <= real_run["elapsed"]
+    assert manifest["wall_time_s"] == round(wall, 1)
+    assert f"wall time {wall:.0f} s" in (real_run["dir"] / "report.md").read_text()
+    assert f"Wall time         {wall:.0f} s" in real_run["stdout"]
+
+
 def test_console_shows_progress_and_summary(real_run):
-    log = "\n".join(real_run["log"])
-    assert "resolved config:" in log
+    lines = real_run["log"]
+    # The run folder is named first; the "before" phase says what it does before the first step.
+    first = lambda pattern: next(i for i, line in enumerate(lines) if re.match(pattern, line))  # noqa: E731
+    assert first(f"run folder: {re.escape(str(real_run['dir']))}$") < first("data: ") \
+        < first("before: validation loss on 2 held-out rows, then 1 sample answer") \
+        < first(r"before: validation loss \d+\.\d{4}; generating the sample answers") < first("step 1/2 \\|")
+    log = "\n".join(lines)
     assert "trainable" in log and "parameters" in log
     assert "step 1/2 | loss" in log and "step 2/2 | loss" in log
     assert "before: validation loss" in log and "after: validation loss" in log
@@ -188,60 +242,7 @@ def test_adapter_reloads_with_the_same_logits(real_run, embedded_dir):
     assert not torch.allclose(want, base_logits, atol=1e-4), "the adapter changes nothing"
 
 
-# -- resume after SIGTERM (tiny model) ------------------------------------------------------------
-
-
-def _wait_for_step(metrics: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return
-        if metrics.is_file() and any(json.loads(l)["step"] >= 1 for l in metrics.read_text().splitlines() if l.strip()):
-            return
-        time.sleep(0.01)
-    proc.kill()
-    pytest.fail("the training subprocess logged no step within the timeout")
-
-
-def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path, tiny_train_argv):
-    steps = 16  # ~0.2 s each: the signal lands long before the end
-    common = [f"train.max_steps={steps}", "train.save_steps=5", "train.learning_rate=2.0e-3"]
-    # Uninterrupted.
-    assert main(tiny_train_argv(tmp_path, "straight", *common)) == 0
-    straight = tmp_path / "straight"
-
-    # Interrupted by SIGTERM once it has logged a step, in a real `python -m medcot train` process.
-    argv = tiny_train_argv(tmp_path, "interrupted", *common)
-    run = tmp_path / "interrupted"
-    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "medcot", *argv], cwd=REPO, stdout=out, stderr=err)
-        _wait_for_step(run / "metrics.jsonl", proc)
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=120)
-    err = (tmp_path / "err.txt").read_text()
-    assert rc == 130, err
-    assert "Interrupted by SIGTERM" in err and f"medcot train --resume {run}" in err
-    assert "Traceback" not in err
-    checkpoints = sorted((run / "checkpoints").glob("step-*"))
-    assert checkpoints, "no checkpoint saved on SIGTERM"
-    stopped_at = json.loads((checkpoints[-1] / "state.json").read_text())["step"]
-    assert 1 <= stopped_at < steps
-    assert not (run / "adapter").exists()
-
-    # Resume: same final weights as the uninterrupted run, each step logged exactly once.
-    assert main(["train", "--resume", str(run)]) == 0
-    want = load_file(straight / "adapter" / "adapter_model.safetensors")
-    got = load_file(run / "adapter" / "adapter_model.safetensors")
-    assert set(got) == set(want)
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], msg=f"{k} differs after resume")
-    m_straight = [json.loads(l) for l in (straight / "metrics.jsonl").read_text().splitlines()]
-    m_resumed = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in m_resumed] == list(range(1, steps + 1))
-    torch.testing.assert_close([m["loss"] for m in m_resumed], [m["loss"] for m in m_straight])
-    torch.testing.assert_close([m["lr"] for m in m_resumed], [m["lr"] for m in m_straight])
-    manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["val_loss_before"] == json.loads((straight / "manifest.json").read_text())["val_loss_before"]
+# -- resume errors, validation rows (tiny model) ----------------------------------------------------
 
 
 def test_resume_errors(tmp_path, tiny_run_dir, capsys):
@@ -258,6 +259,18 @@ def test_existing_run_folder_is_not_overwritten(tiny_run_dir, tiny_train_argv, c
     err = capsys.readouterr().err
     assert f"{tiny_run_dir} already exists" in err and f"--resume {tiny_run_dir}" in err
     assert {p: p.stat().st_mtime_ns for p in tiny_run_dir.rglob("*")} == before
+
+
+def test_overlong_validation_rows_are_counted_and_reported(tmp_path, tiny_train_argv, caplog):
+    """Every tiny row is over 140 tokens: the 2 held-out rows are cut like the training rows, and say so."""
+    caplog.set_level(logging.INFO, logger="medcot")
+    assert main(tiny_train_argv(tmp_path, "long", "train.max_seq_length=140", "data.overlong=truncate",
+                                "train.max_steps=1")) == 0
+    run = tmp_path / "long"
+    val = json.loads((run / "manifest.json").read_text())["data"]["validation_token_lengths"]
+    assert (val["count"], val["over_limit"], val["action"], val["max_seq_length"]) == (2, 2, "truncated", 140)
+    assert "tokens: validation 2 rows" in caplog.text and "2 over max_seq_length=140 (truncated)" in caplog.text
+    assert "validation 2 rows" in (run / "report.md").read_text()
 
 
 # -- divergence -----------------------------------------------------------------------------------
@@ -344,3 +357,50 @@ def test_wandb_offline_files_and_no_secrets_anywhere(tmp_path, tiny_train_argv, 
     for name, secret in no_secrets_env.items():
         for where, text in texts.items():
             assert secret not in text, f"{name} leaked into {where}"
+
+
+@pytest.mark.slow
+def test_wandb_debug_logs_stay_in_the_run_folder(tmp_path, tiny_train_argv):
+    """wandb's service writes its debug logs under its cache folder (~/.cache/wandb by default): they belong
+    with the run. A fresh process and HOME, since the service starts once per process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "XDG_CACHE_HOME"}
+    env.update(HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    argv = tiny_train_argv(tmp_path, "tracked", "train.report_to=auto", "train.max_steps=1")
+    out = subprocess.run([sys.executable, "-m", "medcot", *argv], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert list((tmp_path / "tracked" / "wandb" / "logs").glob("core-debug-*.log"))
+    home = tmp_path / "home"
+    assert not [p for p in home.rglob("*") if "wandb" in p.relative_to(home).parts]
+
+
+# -- ask ------------------------------------------------------------------------------------------
+
+
+def test_ask_says_whether_it_ended_on_the_end_token_or_the_limit(tmp_path, tiny_model_dir, capsys):
+    from medcot.data.prompts import PromptFormatter
+    from medcot.model.load import load_for_inference
+
+    question = "What causes croup?"
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "model.device=cpu"])
+    model, tokenizer, cfg = load_for_inference(cfg, None)
+    prompt = torch.tensor([PromptFormatter(tokenizer, cfg.prompt).encode_prompt(question)])
+    greedy = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id)[0, prompt.shape[1]:].tolist()
+
+    # The random model never writes its end token: the 6-token limit stops it, and ask says so.
+    assert main(["ask", question, f"model.name_or_path={tiny_model_dir}", "generate.max_new_tokens=6"]) == 0
+    out = capsys.readouterr()
+    assert "(none: the reasoning did not finish within generate.max_new_tokens=6)" in out.out
+    assert "[stopped at generate.max_new_tokens=6: the output may be cut short]" in out.err
+
+    # A copy whose end token is the third token it writes ends there, far below the limit.
+    ends = tmp_path / "ends"
+    shutil.copytree(tiny_model_dir, ends)
+    generation_config = json.loads((ends / "generation_config.json").read_text())
+    generation_config["eos_token_id"] = [tokenizer.eos_token_id, greedy[2]]
+    (ends / "generation_config.json").write_text(json.dumps(generation_config))
+    assert main(["ask", question, f"model.name_or_path={ends}", "generate.max_new_tokens=50"]) == 0
+    out = capsys.readouterr()
+    assert "(none: the model ended its output inside its reasoning)" in out.out
+    assert f"[ended on the model's end token after {greedy.index(greedy[2])} tokens]" in out.err

@@ -78,7 +78,14 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
         try:
             yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
-            yield lineno, DataError(f"{path}: row {lineno}: invalid JSON ({e.msg} at column {e.colno})")
+            yield lineno, DataError(f"{path}: row {lineno}: invalid JSON ({_json_problem(e)})")
+
+
+def _json_problem(e: json.JSONDecodeError, line: bool = False) -> str:
+    """The decoder's message with its position; some messages already end in "at" ("Unterminated string
+    starting at"), which then reads on into the position instead of repeating it."""
+    where = f"line {e.lineno}, column {e.colno}" if line else f"column {e.colno}"
+    return f"{e.msg} {where}" if e.msg.endswith(" at") else f"{e.msg} at {where}"
 
 
 def _iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
@@ -92,7 +99,7 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
         try:
             data = json.loads(_decode(path))
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+            raise DataError(f"{path}: invalid JSON ({_json_problem(e, line=True)})") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
@@ -101,7 +108,8 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
     elif suffix == ".csv":
         reader = csv.DictReader(io.StringIO(_decode(path), newline=""))
         for i, row in enumerate(reader, start=1):
-            yield i, {k: v for k, v in row.items() if k is not None}
+            # A short row leaves its last fields None (DictReader's restval): they are missing, not null.
+            yield i, {k: v for k, v in row.items() if k is not None and v is not None}
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -148,8 +156,10 @@ def load_records(args: DataArgs) -> LoadedData:
                     raise _missing_columns(source, missing, list(row), args)
             values = {}
             for name, column in wanted.items():
-                if column not in row or row[column] is None:
+                if column not in row:
                     raise DataError(f"{source}: row {rownum}: field {column!r} is missing")
+                if row[column] is None:
+                    raise DataError(f"{source}: row {rownum}: field {column!r} is null")
                 value = row[column]
                 if not isinstance(value, str):
                     raise DataError(

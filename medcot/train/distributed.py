@@ -200,8 +200,13 @@ def trainable_state(engine) -> dict[str, torch.Tensor]:
         get_model_state_dict,
     )
 
+    model = unwrap(engine)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    return get_model_state_dict(unwrap(engine), options=opts)
+    state = get_model_state_dict(model, options=opts)
+    # ignore_frozen_params walks named_parameters(), which names a shared tensor once: the alias of a tied
+    # embedding (lm_head.weight in SmolLM2: most of a checkpoint's bytes) slipped through as if it trained.
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in state.items() if k not in frozen}
 
 
 def optimizer_state(engine, optimizer) -> dict:

@@ -17,13 +17,12 @@ from itertools import islice
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from medcot.config import Config
 from medcot.data.corpus import PackStats, iter_documents, pack_blocks, split_documents
 from medcot.errors import ConfigError
 from medcot.model.load import load_base
 from medcot.train import distributed, report
+from medcot.train.checkpoint import seed_rngs
 from medcot.train.distributed import World
 from medcot.train.trainer import (
     Trainer,
@@ -47,7 +46,7 @@ def pretrain(cfg: Config, stage_dir: Path, world: World, on_log: Callable[[str],
         return done
     t_start = time.time()
     p, t = cfg.pretrain, cfg.train
-    torch.manual_seed(t.seed)
+    seed_rngs(t.seed)
 
     # -- Corpus -------------------------------------------------------------------------------
     model, tokenizer, model_info = load_base(cfg.model)
@@ -74,11 +73,13 @@ def pretrain(cfg: Config, stage_dir: Path, world: World, on_log: Callable[[str],
 
     # -- Model, perplexity before, fit --------------------------------------------------------
     extra = {"modules_to_save": ["embed_tokens", "lm_head"]} if p.train_embeddings else {}
-    run = Trainer.build(model, cfg, world, stage_dir.parent, on_log, lora_extra=extra)
+    run = Trainer.build(model, cfg, world, stage_dir.parent, on_log, started=t_start, lora_extra=extra)
     pad_id = tokenizer.pad_token_id
 
     def before() -> dict:
-        loss = validation_loss(run.model, val_blocks, pad_id, t.per_device_batch_size, run.autocast)
+        on_log(f"before: held-out loss on {len(val_blocks)} blocks")
+        loss = validation_loss(run.model, val_blocks, pad_id, t.per_device_batch_size, run.autocast,
+                               desc="before: held-out loss" if world.main else None)
         on_log(f"before: held-out loss {loss:.4f} (perplexity {math.exp(loss):.2f})")
         return {"val_loss_before": loss}
 
@@ -86,8 +87,8 @@ def pretrain(cfg: Config, stage_dir: Path, world: World, on_log: Callable[[str],
     run.save_adapter(tokenizer, stage_dir)
     loss_after = validation_loss(run.model, val_blocks, pad_id, t.per_device_batch_size, run.autocast)
     on_log(f"after: held-out loss {loss_after:.4f} (perplexity {math.exp(loss_after):.2f}; "
-           f"before {math.exp(state['val_loss_before']):.2f})")
-    result = run.result(stage_dir, p.max_steps, state, t_start, loss_after)
+           f"before {math.exp(state.before['val_loss_before']):.2f})")
+    result = run.result(stage_dir, state, loss_after)
     if world.main:
         report.write_pretrain_report(stage_dir, cfg, result, source=docs.source, stats=stats,
                                      n_blocks=len(blocks), n_val_docs=len(val_docs), n_val_blocks=len(val_blocks),

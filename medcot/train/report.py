@@ -99,14 +99,47 @@ def _quote(text: str) -> str:
     return "\n".join("> " + line if line else ">" for line in text.strip().splitlines()) or "> (empty)"
 
 
-def _answer_block(text: str) -> str:
+def _answer_block(title: str, text: str) -> list[str]:
     s = split_reasoning(text)
-    answer = s.answer if s.closed else "*(no final answer: the model never closed its reasoning)*"
-    return f"**Reasoning**\n\n{_quote(s.reasoning)}\n\n**Answer**\n\n{_quote(answer) if s.closed else answer}"
+    answer = _quote(s.answer) if s.closed else "(no final answer: the model stopped inside its reasoning)"
+    return [f"**{title}**", "", "Reasoning:", "", _quote(s.reasoning), "", "Final answer:", "", answer, ""]
 
 
-def write_run_report(run_dir: Path, cfg, result, *, questions, references, lengths, data_source, n_skipped,
-                     model_info, n_trainable, tracker_backend, world_size: int = 1) -> None:
+# What each entry of a run folder is, for the report's file list.
+_FILES = {
+    "adapter": "LoRA adapter (PEFT format) + tokenizer: what ask, eval, serve and export load",
+    "checkpoints": "resumable checkpoints (trainable weights, optimizer, scheduler, RNG, state.json): "
+                   "medcot train --resume continues from the newest",
+    "config.yaml": "the resolved config; --resume trains with it",
+    "manifest.json": "versions, data hash, device, timings",
+    "metrics.jsonl": "one line per logged step",
+    "loss.png": "the training loss curve",
+    "report.md": "this report",
+    "result.json": "the summary; marks the run finished (--resume then skips it)",
+    "wandb": "W&B run files and logs (offline runs upload with `wandb sync`)",
+    "tensorboard": "TensorBoard event files",
+    "pretrain": "the continued pre-training stage, with its own report.md",
+    "without-pretrain": "the same SFT stage from the base model, for the comparison above",
+}
+FILES_HEADING = "## Files"
+
+
+def files_section(run_dir: Path) -> list[str]:
+    """Every entry of the run folder, each explained (report.md and result.json, written last, included);
+    the adapter's and the checkpoints' contents are named one level down."""
+    names = sorted({p.name for p in run_dir.iterdir()} | {"report.md", "result.json"})
+    lines = [FILES_HEADING, ""]
+    for name in names:
+        path = run_dir / name
+        what = _FILES.get(name, "not written by medcot")
+        lines.append(f"- `{name}{'/' if path.is_dir() else ''}`: {what}")
+        if name in ("adapter", "checkpoints") and path.is_dir():
+            lines.append("  - " + ", ".join(f"`{p.name}{'/' if p.is_dir() else ''}`" for p in sorted(path.iterdir())))
+    return lines + [""]
+
+
+def write_run_report(run_dir: Path, cfg, result, *, questions, references, lengths, val_lengths, data_source,
+                     n_skipped, model_info, n_trainable, tracker_backend, world_size: int = 1) -> None:
     manifest = {
         "run": run_dir.name,
         "versions": package_versions(),
@@ -114,7 +147,7 @@ def write_run_report(run_dir: Path, cfg, result, *, questions, references, lengt
         "device": device_name(model_info["device"]),
         "model": model_info,
         "data": {"source": data_source, "sha256": file_sha256(data_source), "bad_rows_skipped": n_skipped,
-                 "token_lengths": lengths.__dict__},
+                 "token_lengths": lengths.__dict__, "validation_token_lengths": val_lengths.__dict__},
         "trainable_parameters": n_trainable,
         "steps": result.steps,
         "wall_time_s": round(result.wall_s, 1),
@@ -138,7 +171,7 @@ def write_run_report(run_dir: Path, cfg, result, *, questions, references, lengt
         f"on {manifest['device']}",
         f"- LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha} on {', '.join(cfg.lora.target_modules)}: "
         f"{n_trainable:,} trainable parameters",
-        f"- Data: `{data_source}`; {lengths.summary()}",
+        f"- Data: `{data_source}`; training {lengths.summary()}; validation {val_lengths.summary()}",
         f"- {result.steps} steps × {_rows_per_step(cfg, world_size)} rows, "
         f"lr {cfg.train.learning_rate:g}, wall time {result.wall_s:.0f} s, {result.tokens_per_s:,.0f} tokens/s, "
         f"peak memory {result.peak_mem_gib:.2f} GiB" + (f" per process, {world_size} processes" if world_size > 1 else ""),
@@ -155,34 +188,17 @@ def write_run_report(run_dir: Path, cfg, result, *, questions, references, lengt
                   train_eval_table(result.eval_before, result.eval_after), ""]
     if loss_png:
         lines += ["## Training loss", "", f"![loss curve]({loss_png.name})", ""]
-    lines += ["## Answers before and after (held-out questions)", ""]
+    t = cfg.train
+    lines += ["## Answers before and after (held-out questions)", "",
+              f"Reasoning is capped at {t.sample_thinking_budget} tokens (train.sample_thinking_budget); where the "
+              f"model had not closed it by then, `</think>` was appended and the final answer generated (up to "
+              f"{t.sample_answer_tokens} tokens, train.sample_answer_tokens), as eval does.", ""]
     for i, (q, ref, before, after) in enumerate(zip(questions, references, result.answers_before, result.answers_after), 1):
-        lines += [
-            f"### Question {i}",
-            "",
-            _quote(q),
-            "",
-            "<table><tr><th>before (base model)</th><th>after (base + adapter)</th></tr><tr><td>",
-            "",
-            _answer_block(before),
-            "",
-            "</td><td>",
-            "",
-            _answer_block(after),
-            "",
-            "</td></tr></table>",
-            "",
-            "<details><summary>Reference answer (from the data)</summary>",
-            "",
-            _quote(ref),
-            "",
-            "</details>",
-            "",
-        ]
-    lines += ["## Files", "", "- `adapter/`: LoRA adapter (PEFT format) + tokenizer",
-              "- `config.yaml`: the resolved config", "- `manifest.json`: versions, data hash, device, timings",
-              "- `metrics.jsonl`: one line per logged step", "- `checkpoints/`: resumable checkpoints", ""]
-    write_atomic(run_dir / "report.md", "\n".join(lines))
+        lines += [f"### Question {i}", "", _quote(q), "",
+                  *_answer_block("Before (base model)", before),
+                  *_answer_block("After (base + adapter)", after),
+                  "**Reference answer (from the data)**", "", _quote(ref), ""]
+    write_atomic(run_dir / "report.md", "\n".join(lines + files_section(run_dir)))
 
 
 def write_pretrain_report(stage_dir: Path, cfg, result, *, source, stats, n_blocks, n_val_docs, n_val_blocks,
@@ -271,8 +287,10 @@ def append_pretrain_comparison(run_dir: Path, pre, with_pre, without_pre) -> Non
         lines.append("")
     lines += ["Small runs move these numbers by noise as much as by effect; read them with the step counts above.", ""]
     path = run_dir / "report.md"
-    text = path.read_text().split(COMPARISON_HEADING)[0].rstrip("\n")  # a resumed run replaces it, never repeats it
-    write_atomic(path, text + "\n\n" + "\n".join(lines))
+    # A resumed run replaces the comparison, never repeats it; the file list moves below it, now naming
+    # without-pretrain/ too.
+    text = path.read_text().split(COMPARISON_HEADING)[0].split(f"\n{FILES_HEADING}\n")[0].rstrip("\n")
+    write_atomic(path, text + "\n\n" + "\n".join(lines + files_section(run_dir)))
 
 
 def _score(entry: dict) -> str:

@@ -7,6 +7,7 @@ from the environment and never passes through medcot.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -14,6 +15,7 @@ import os
 from pathlib import Path
 
 from medcot.errors import SetupError
+from medcot.io import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +37,12 @@ class Tracker:
                 import wandb
 
                 mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-                self._wandb = wandb.init(
-                    project=project, name=run_name, id=run_name.replace("/", "-"), resume="allow",
-                    dir=str(run_dir), mode=mode, config=config,
-                    settings=wandb.Settings(silent=True, console="off"),
-                )
+                with _wandb_service_logs_in(run_dir):
+                    self._wandb = wandb.init(
+                        project=project, name=run_name, id=run_name.replace("/", "-"), resume="allow",
+                        dir=str(run_dir), mode=mode, config=config,
+                        settings=wandb.Settings(silent=True, console="off"),
+                    )
                 self.backend = f"wandb ({mode})"
         elif report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
@@ -48,12 +51,12 @@ class Tracker:
             self.backend = "tensorboard"
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so each step appears once."""
+        """On resume, drop lines logged after the checkpoint so each step appears once (and a line that a
+        kill -9 cut in half, which cannot be read)."""
         if not self.path.exists():
             return
-        lines = [l for l in self.path.read_text().splitlines() if l.strip()]
-        keep = [l for l in lines if json.loads(l).get("step", 0) <= step]
-        self.path.write_text("".join(l + "\n" for l in keep))
+        keep = [l for l in self.path.read_text().splitlines() if (m := _parse(l)) is not None and m["step"] <= step]
+        write_atomic(self.path, "".join(l + "\n" for l in keep))
 
     def log(self, metrics: dict, step: int) -> None:
         with self.path.open("a") as f:
@@ -74,6 +77,30 @@ class Tracker:
             self._wandb.finish()
         if self._tb is not None:
             self._tb.close()
+
+
+def _parse(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+@contextlib.contextmanager
+def _wandb_service_logs_in(folder: Path):
+    """wandb.init starts a service (wandb-core) that writes its debug logs to $WANDB_CACHE_DIR/wandb/logs
+    (~/.cache/wandb/logs by default): outside the run. Point it at the run folder while the service starts
+    (once per process; the logs land in <run>/wandb/logs), then restore the user's setting. medcot uses
+    no wandb artifacts, the cache's other content."""
+    old = os.environ.get("WANDB_CACHE_DIR")
+    os.environ["WANDB_CACHE_DIR"] = str(folder)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["WANDB_CACHE_DIR"]
+        else:
+            os.environ["WANDB_CACHE_DIR"] = old
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -3,15 +3,18 @@
 A stage builds a `Trainer` (LoRA attached, fast path chosen, wrapped for DDP/FSDP), calls `fit` with its
 encoded rows, then `save_adapter` and `result`. `fit` resumes from the stage folder's newest checkpoint,
 runs `train_step` per optimizer step (loss normalised over the whole step's response tokens), logs,
-checkpoints atomically, and stops cleanly on Ctrl-C / SIGTERM after saving.
+checkpoints atomically, and stops cleanly on Ctrl-C / SIGTERM after saving. Outside the loop (setup, the
+before and after phases) `interrupt_on_signal` stops a command at once: nothing there is worth finishing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +36,13 @@ from medcot.errors import Interrupted, SetupError, TrainingDiverged
 from medcot.io import write_atomic, write_dir_atomic
 from medcot.model.load import attach_lora
 from medcot.train import distributed
-from medcot.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from medcot.train.checkpoint import (
+    FitState,
+    discard_unfinished,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from medcot.train.distributed import World
 from medcot.train.fast import (
     apply_fused_kernels,
@@ -81,12 +90,15 @@ class Trainer:
     packing: bool
     autocast: object
     on_log: Callable[[str], None]
+    started: float  # time.time() when this session began the stage (data and model loading included)
     n_trainable: int = 0
     tracker_backend: str = "none"
     _tracker: Tracker | None = None
+    _clock: float = 0.0  # `started`, moved back by the time earlier sessions spent up to the checkpoint resumed
 
     @classmethod
-    def build(cls, model, cfg: Config, world: World, run_root: Path, on_log, lora_extra: dict | None = None) -> "Trainer":
+    def build(cls, model, cfg: Config, world: World, run_root: Path, on_log, started: float,
+              lora_extra: dict | None = None) -> "Trainer":
         t = cfg.train
         device = next(model.parameters()).device
         packing = fast_path_enabled(t.fast_path, device)
@@ -105,45 +117,46 @@ class Trainer:
         engine = distributed.wrap(model, world)
         dtype = str(next(p for p in model.parameters() if not p.requires_grad).dtype).removeprefix("torch.")
         return cls(model=model, engine=engine, cfg=cfg, world=world, run_root=run_root, device=device, packing=packing,
-                   autocast=autocast_for(device, dtype), on_log=on_log, n_trainable=n_trainable)
+                   autocast=autocast_for(device, dtype), on_log=on_log, started=started, n_trainable=n_trainable)
 
     def fit(self, rows: list[Encoded], stage_dir: Path, max_steps: int, lr: float, pad_id: int,
-            before: Callable[[], dict]) -> dict:
-        """The optimizer loop, resuming from `stage_dir`'s newest checkpoint; returns the run state."""
+            before: Callable[[], dict]) -> FitState:
+        """The optimizer loop, resuming from `stage_dir`'s newest checkpoint; returns the stage's state.
+
+        `before` runs once per stage (its results are checkpointed): the measurements on the untrained model.
+        """
         t, world, on_log = self.cfg.train, self.world, self.on_log
         params = [p for p in self.engine.parameters() if p.requires_grad]
         optimizer = _make_optimizer(params, t.optimizer, lr, t.weight_decay)
         scheduler = _make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, max_steps)
-        start_step, state = 0, {}
+        if world.main:
+            discard_unfinished(stage_dir)
+            # The run folder got its config.yaml at the start (train.run); a stage subfolder gets its own copy,
+            # so ask/eval/export accept it as a run folder too.
+            if not (stage_dir / "config.yaml").is_file():
+                write_atomic(stage_dir / "config.yaml", self.cfg.to_yaml())
+        state = FitState()
         if (ckpt := latest_checkpoint(stage_dir)) is not None:
             state = load_checkpoint(ckpt, self.engine, optimizer, scheduler)
-            start_step = state["step"]
-            on_log(f"resumed from {ckpt} at step {start_step}/{max_steps}")
-        if "val_loss_before" not in state:
-            state.update(before())
+            on_log(f"resumed from {ckpt} at step {state.step}/{max_steps}")
+        self._clock = self.started - state.wall_s
+        if not state.before:
+            state.before = before()
         if world.main:
-            # Only now: a setup error (bad data, model, optimizer) must not leave a half-made run folder.
-            # A stage folder gets its own copy, so ask/eval/export accept it as a run folder too.
-            for folder in {self.run_root, stage_dir}:
-                if not (folder / "config.yaml").is_file():
-                    write_atomic(folder / "config.yaml", self.cfg.to_yaml())
             root = self.run_root
             name = root.name if root == stage_dir else f"{root.name}-{stage_dir.name}"
             self._tracker = Tracker(stage_dir, t.report_to, t.wandb_project, name, self.cfg.to_dict(),
-                                    resume_step=start_step)
+                                    resume_step=state.step)
             self.tracker_backend = self._tracker.backend
 
         stop = _StopFlag()
         rows_per_step = distributed.rows_per_step(t, world)
-        state.setdefault("tokens_seen", 0)
-        state.setdefault("fit_time", 0.0)
-        wall_before, t_start = state.get("wall_s", 0.0), time.time()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.engine.train()
-        pbar = tqdm(total=max_steps, initial=start_step, desc=stage_dir.name, unit="step", disable=None if world.main else True)
+        pbar = tqdm(total=max_steps, initial=state.step, desc=stage_dir.name, unit="step", disable=None if world.main else True)
         with stop.installed(), pbar:
-            for step in range(start_step, max_steps):
+            for step in range(state.step, max_steps):  # `step` counts from 0; state.step is updates done
                 t0 = time.perf_counter()
                 idx = rows_for_step(len(rows), step, rows_per_step, t.seed)
                 step_rows = [rows[i] for i in idx]
@@ -161,33 +174,39 @@ class Trainer:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                state.step = step + 1
                 dt = time.perf_counter() - t0
-                state["fit_time"] += dt
+                state.fit_time += dt
                 pbar.update(1)
                 pbar.set_postfix(loss=f"{step_loss:.3f}")
                 n_tokens = sum(len(r.input_ids) for r in step_rows)  # the whole step, all processes
-                state["tokens_seen"] += n_tokens
-                if (step + 1) % t.logging_steps == 0 or step + 1 == max_steps:
+                state.tokens_seen += n_tokens
+                if state.step % t.logging_steps == 0 or state.step == max_steps:
                     metrics = {"loss": step_loss, "lr": lr_now, "grad_norm": grad_norm, "tokens_per_s": n_tokens / dt,
-                               "step_time_s": dt, "epoch": (step + 1) * rows_per_step / len(rows),
+                               "step_time_s": dt, "epoch": state.step * rows_per_step / len(rows),
                                "mem_gib": peak_mem_gib(self.device)}
                     if self._tracker is not None:
-                        self._tracker.log(metrics, step=step + 1)
-                    on_log(f"step {step + 1}/{max_steps} | loss {step_loss:.4f} | lr {lr_now:.2e} | "
+                        self._tracker.log(metrics, step=state.step)
+                    on_log(f"step {state.step}/{max_steps} | loss {step_loss:.4f} | lr {lr_now:.2e} | "
                            f"grad {grad_norm:.3f} | tok/s {metrics['tokens_per_s']:,.0f} | mem {metrics['mem_gib']:.2f} GiB")
-                state["wall_s"] = wall_before + time.time() - t_start
-                done = step + 1 == max_steps
+                done = state.step == max_steps
                 stop_now = distributed.broadcast(stop.requested, world)  # every rank stops at the same step
-                if (t.save_steps and (step + 1) % t.save_steps == 0) or stop_now or done:
-                    save_checkpoint(stage_dir, step + 1, self.engine, optimizer, scheduler, state, world)
-                if stop_now and not done:
+                if (t.save_steps and state.step % t.save_steps == 0) or stop_now or done:
+                    state.wall_s = self.elapsed()
+                    save_checkpoint(stage_dir, self.engine, optimizer, scheduler, state, world)
+                if stop_now:  # at the last step too: the after phase can take long, and resumes from here
                     self._close()
                     raise Interrupted(
-                        f"Interrupted by {stop_now}; checkpoint saved at step {step + 1}. "
+                        f"Interrupted by {stop_now}; checkpoint saved at step {state.step}. "
                         f"Resume with: medcot train --resume {self.run_root}"
                     )
         self.engine.eval()
         return state
+
+    def elapsed(self) -> float:
+        """The stage's wall time: this session's so far, plus what earlier sessions spent up to the
+        checkpoint it resumed from (work they did after it was redone here, so it is not counted twice)."""
+        return time.time() - self._clock
 
     def save_adapter(self, tokenizer, run_dir: Path) -> None:
         """Adapter in PEFT format + tokenizer, written to a temporary folder and renamed (rank 0)."""
@@ -198,15 +217,15 @@ class Trainer:
                 tokenizer.save_pretrained(tmp)
         distributed.barrier(self.world)  # the next stage reads it
 
-    def result(self, run_dir: Path, steps: int, state: dict, t_start: float, val_loss_after: float, **extra) -> TrainResult:
+    def result(self, run_dir: Path, state: FitState, val_loss_after: float, **extra) -> TrainResult:
         """The stage's result from the fit state; closes the tracker with the before/after summary."""
         result = TrainResult(
             run_dir=run_dir,
-            steps=steps,
-            val_loss_before=state["val_loss_before"],
+            steps=state.step,
+            val_loss_before=state.before["val_loss_before"],
             val_loss_after=val_loss_after,
-            wall_s=state.get("wall_s", 0.0) + time.time() - t_start,
-            tokens_per_s=state["tokens_seen"] / state["fit_time"] if state["fit_time"] else 0.0,
+            wall_s=self.elapsed(),
+            tokens_per_s=state.tokens_seen / state.fit_time if state.fit_time else 0.0,
             peak_mem_gib=peak_mem_gib(self.device),
             **extra,
         )
@@ -277,13 +296,17 @@ def autocast_for(device: torch.device, dtype: str):
 
 
 @torch.no_grad()
-def validation_loss(model, rows: list[Encoded], pad_id: int, batch_size: int, autocast) -> float:
-    """Mean loss per response token over the validation rows (per token, for pre-training blocks)."""
+def validation_loss(model, rows: list[Encoded], pad_id: int, batch_size: int, autocast,
+                    desc: str | None = None) -> float:
+    """Mean loss per response token over the validation rows (per token, for pre-training blocks).
+
+    `desc`: label of a progress bar over the batches (none without it).
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, n = 0.0, 0
-    for i in range(0, len(rows), batch_size):
+    for i in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", disable=None if desc else True):
         chunk = rows[i : i + batch_size]
         k = count_loss_tokens(chunk)
         # Pre-training blocks are full (no padding) and hold several documents: pack them so that
@@ -318,33 +341,60 @@ def peak_mem_gib(device: torch.device) -> float:
 
 
 class _StopFlag:
-    """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop after the current step."""
+    """In the optimizer loop: the first SIGINT/SIGTERM asks to finish the current step, save a checkpoint and stop.
+
+    Ctrl-C pressed again (a SIGINT over a second later) means "now". A repeated SIGTERM, or a SIGINT right
+    behind the first, does not: launchers such as torchrun pass on the signal their workers already got.
+    """
 
     def __init__(self):
         self.requested: str | None = None
+        self._at = 0.0
 
     def _handler(self, signum, frame):
-        if self.requested:  # a second Ctrl-C means "now"
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+        if self.requested:
+            if signum == signal.SIGINT and time.monotonic() - self._at > 1.0:
+                raise KeyboardInterrupt
+            return
+        self.requested, self._at = signal.Signals(signum).name, time.monotonic()
         log.warning("%s received: finishing this step, saving a checkpoint, then stopping", self.requested)
 
     def installed(self):
-        import contextlib
-        import threading
+        return _handling(self._handler)
 
-        @contextlib.contextmanager
-        def _ctx():
-            if threading.current_thread() is not threading.main_thread():
-                yield self  # signals can only be caught in the main thread
-                return
-            old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-            for s in old:
-                signal.signal(s, self._handler)
-            try:
-                yield self
-            finally:
-                for s, h in old.items():
-                    signal.signal(s, h)
 
-        return _ctx()
+class _Signalled(KeyboardInterrupt):
+    """What `interrupt_on_signal`'s handler raises. A KeyboardInterrupt, as Python's own for SIGINT, because
+    code it passes through lets only that (and SystemExit) by: a failed generation step ends its requests
+    (`except Exception`), tqdm's logging handler swallows everything else."""
+
+
+@contextlib.contextmanager
+def interrupt_on_signal(message: Callable[[str], str]):
+    """Outside the optimizer loop (setup, the before and after phases), SIGINT/SIGTERM stop the block at once
+    with `Interrupted(message(signal name))`. Inside `fit`, `_StopFlag` takes over."""
+
+    def handler(signum, frame):
+        raise _Signalled(signal.Signals(signum).name)
+
+    try:
+        with _handling(handler):
+            yield
+    except _Signalled as e:
+        raise Interrupted(message(e.args[0])) from None
+
+
+@contextlib.contextmanager
+def _handling(handler):
+    """`handler` for SIGINT and SIGTERM during the block; the previous handlers after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals can only be caught in the main thread
+        return
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in old:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
