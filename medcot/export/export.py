@@ -2,6 +2,7 @@
 
     medcot export runs/demo --to merged                  # runs/demo/export/merged-bf16/: plain transformers
     medcot export runs/demo --to gguf                    # runs/demo/export/gguf-fp16/: llama.cpp / Ollama
+    medcot export runs/demo --to gguf --dtype q8_0       # quantized, checked against the fp16 file
     medcot export runs/demo --to merged --push me/medcot-demo --dry-run   # what would be uploaded
 
 Both formats start the same way: the run's base model is loaded unquantized on the CPU in the
@@ -10,9 +11,11 @@ written to a temporary folder that is renamed when complete, so an interrupted e
 folder that looks whole. An existing export is never replaced unless `--force` is given.
 
 - `merged`: safetensors + tokenizer; `AutoModelForCausalLM.from_pretrained(folder)` needs no PEFT.
-- `gguf`: one `.gguf` file (F16, BF16 or F32) written with the `gguf` package, plus an Ollama
-  `Modelfile`. Llama-architecture models with a byte-level BPE tokenizer (SmolLM2, Llama 3,
-  DeepSeek-R1-Distill-Llama); quantize it further with llama.cpp's `llama-quantize`.
+- `gguf`: one `.gguf` file (F16, BF16, F32, or quantized: Q8_0, Q4_0, Q4_K_M) plus an Ollama
+  `Modelfile`, for Llama-architecture models with a byte-level BPE tokenizer (SmolLM2, Llama 3,
+  DeepSeek-R1-Distill-Llama); medcot/export/gguf_writer.py writes it with the `gguf` package. A
+  quantized export also writes the fp16 file, measures the quantized one against it (greedy
+  agreement, medcot/export/quantize.py), records size and agreement, and keeps only the quantized file.
 
 Each export carries a model card (`README.md`: base model, data, recipe, eval results, the
 research-only notice), `export.json` (provenance) and `training_config.yaml` (the run's config).
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -32,20 +35,29 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from medcot import __version__
 from medcot.config import Config, load_config
 from medcot.disclaimer import DISCLAIMER
 from medcot.embedded import EMBEDDED_MODEL_NAME
 from medcot.errors import SetupError
 from medcot.io import write_atomic, write_dir_atomic
+from medcot.export.gguf_writer import check_gguf_supported, ollama_modelfile, write_gguf
+from medcot.export.quantize import (
+    AGREEMENT_WARN_BELOW,
+    CHECK_QUESTIONS,
+    GGUF_PY_TYPES,
+    QUANT_TYPES,
+    greedy_agreement,
+    quantize_with_llama_cpp,
+    require_llama_cpp_quantizer,
+)
 from medcot.model.load import DTYPES
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("merged", "gguf")
 DEFAULT_DTYPE = {"merged": "bf16", "gguf": "fp16"}  # F16 GGUF runs on every llama.cpp backend
+DTYPES_BY_FORMAT = {"merged": tuple(DTYPES), "gguf": (*DTYPES, *QUANT_TYPES)}
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EXPORT_META = "export.json"
 
@@ -58,6 +70,7 @@ class ExportResult:
     files: list[tuple[str, int]]  # (path relative to out_dir, bytes), sorted
     prompt_template: str  # the run's prompt.template, which `medcot ask` needs to prompt the export
     reused: bool = False  # an existing export was pushed as it is
+    quantization: dict | None = None  # quantized GGUF: file, bytes, fp16_bytes, quantizer, agreement
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,11 +78,13 @@ class ExportResult:
 
 
 def export(run_dir: str | Path, to: str, out: str | Path | None = None, dtype: str | None = None,
-           force: bool = False, push: str | None = None, dry_run: bool = False) -> ExportResult:
+           force: bool = False, push: str | None = None, dry_run: bool = False, check: bool = True) -> ExportResult:
     """Merge a run's adapter into its base model and write it as `to` ('merged' or 'gguf').
 
     With `push`, upload the export to the hub repo `push` (created private if it does not exist);
     an export already at `out` is pushed as it is. With `dry_run`, list what would be uploaded.
+    A quantized GGUF (`dtype` q8_0, q4_0, q4_k_m) is compared with the fp16 GGUF by greedy
+    decoding unless `check` is False.
 
     Returns:
         The export folder, format, dtype and files (with sizes).
@@ -84,8 +99,9 @@ def export(run_dir: str | Path, to: str, out: str | Path | None = None, dtype: s
     if to not in FORMATS:
         raise SetupError(f"--to {to!r}: choose one of {', '.join(FORMATS)}")
     dtype = dtype or DEFAULT_DTYPE[to]
-    if dtype not in DTYPES:
-        raise SetupError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if dtype not in DTYPES_BY_FORMAT[to]:
+        hint = "; quantized types are for --to gguf" if dtype in QUANT_TYPES else ""
+        raise SetupError(f"--dtype {dtype!r} with --to {to}: choose one of {', '.join(DTYPES_BY_FORMAT[to])}{hint}")
     if dry_run and not push:
         raise SetupError("--dry-run lists what --push would upload; add --push REPO_ID")
     if push:
@@ -115,13 +131,16 @@ def export(run_dir: str | Path, to: str, out: str | Path | None = None, dtype: s
         reused = True
     else:
         if to == "gguf":
-            _check_gguf_supported(cfg, run_dir / "adapter")
-        _write_export(run_dir, cfg, to, dtype, out)
+            check_gguf_supported(cfg, run_dir / "adapter")
+            if dtype in QUANT_TYPES and dtype not in GGUF_PY_TYPES:
+                require_llama_cpp_quantizer(dtype)  # fail before the merge, not after it
+        _write_export(run_dir, cfg, to, dtype, out, check=check)
 
     if push:
         write_atomic(out / "README.md", model_card(run_dir, cfg, out, repo_id=push))  # snippets name the repo
+    quantization = json.loads((out / EXPORT_META).read_text()).get("quantization")
     result = ExportResult(out_dir=out, to=to, dtype=dtype, files=upload_plan(out),
-                          prompt_template=cfg.prompt.template, reused=reused)
+                          prompt_template=cfg.prompt.template, reused=reused, quantization=quantization)
     if push and not dry_run:
         push_to_hub(out, push, result.files)
     return result
@@ -144,24 +163,41 @@ def load_run_config(run_dir: Path) -> Config:
     return load_config(run_dir / "config.yaml")
 
 
-def _write_export(run_dir: Path, cfg: Config, to: str, dtype: str, out: Path) -> None:
+def _write_export(run_dir: Path, cfg: Config, to: str, dtype: str, out: Path, check: bool = True) -> None:
     # Replaces an old export only once the new one is complete (--force).
     out.parent.mkdir(parents=True, exist_ok=True)
+    quantized = dtype in QUANT_TYPES
     with write_dir_atomic(out) as tmp:
-        model, tokenizer = merged_model(cfg, run_dir, dtype)
+        # A quantized GGUF is made from the fp16 merge: the fp16 file is its reference (and
+        # llama.cpp's quantizer input), and fp16 halves the host memory of an fp32 merge.
+        model, tokenizer = merged_model(cfg, run_dir, "fp16" if quantized else dtype)
         template = training_chat_template(cfg, tokenizer)
         if template is not None:
             tokenizer.chat_template = template
+        quantization = None
         if to == "merged":
             log.info("writing safetensors (%s) and tokenizer to %s", dtype, out)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         else:
             gguf_name = f"{run_dir.name}-{dtype}.gguf"
-            log.info("writing %s", out / gguf_name)
-            write_gguf(model, tokenizer, tmp / gguf_name, dtype, name=run_dir.name)
+            config = model.config
+            if not quantized:
+                log.info("writing %s", out / gguf_name)
+                write_gguf(model, tokenizer, tmp / gguf_name, dtype, name=run_dir.name)
+            else:
+                reference = tmp / f".{run_dir.name}-fp16.reference.gguf"  # removed before the rename
+                log.info("writing the fp16 reference GGUF")
+                write_gguf(model, tokenizer, reference, "fp16", name=run_dir.name)
+                if dtype in GGUF_PY_TYPES:
+                    log.info("writing %s (%s, gguf package)", out / gguf_name, dtype)
+                    write_gguf(model, tokenizer, tmp / gguf_name, dtype, name=run_dir.name)
+        del model  # free the merge before llama.cpp quantizes and the check loads the files
+        if to == "gguf":
+            if quantized:
+                quantization = _quantize_and_check(reference, tmp / gguf_name, dtype, tokenizer, config, check)
+                reference.unlink()
             write_atomic(tmp / "Modelfile", ollama_modelfile(cfg, tokenizer, gguf_name, run_dir.name))
-        del model
         meta = {
             "format": to, "dtype": dtype, "run": run_dir.name,
             "base_model": cfg.model.name_or_path, "base_revision": cfg.model.revision,
@@ -169,9 +205,38 @@ def _write_export(run_dir: Path, cfg: Config, to: str, dtype: str, out: Path) ->
             "medcot_version": __version__,
             "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         }
+        if quantization:
+            meta["quantization"] = quantization
         write_atomic(tmp / EXPORT_META, json.dumps(meta, indent=2))
         shutil.copyfile(run_dir / "config.yaml", tmp / "training_config.yaml")
         write_atomic(tmp / "README.md", model_card(run_dir, cfg, tmp, repo_id=None))
+
+
+def _quantize_and_check(reference: Path, path: Path, dtype: str, tokenizer, config, check: bool) -> dict:
+    """Finish a quantized GGUF at `path` (llama.cpp's types are made here from the fp16 `reference`;
+    the gguf package's are already written) and compare it with `reference` by greedy decoding.
+
+    Returns:
+        What export.json records under "quantization": file, bytes, fp16_bytes, quantizer, agreement.
+    """
+    if dtype in GGUF_PY_TYPES:
+        quantizer = f"gguf {importlib.metadata.version('gguf')}"
+    else:
+        log.info("quantizing to %s with llama.cpp", dtype)
+        quantizer = quantize_with_llama_cpp(reference, path, dtype)
+    result = {"file": path.name, "bytes": path.stat().st_size, "fp16_bytes": reference.stat().st_size,
+              "quantizer": quantizer, "agreement": None}
+    if check:
+        log.info("checking %s against fp16: greedy decoding of %d prompts", dtype, len(CHECK_QUESTIONS))
+        prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=True,
+                                                      add_generation_prompt=True, return_dict=False))
+                   for q in CHECK_QUESTIONS]
+        agreement = greedy_agreement(reference, path, prompts, eos_id=tokenizer.eos_token_id, config=config)
+        result["agreement"] = agreement.to_dict()
+        if agreement.token_agreement < AGREEMENT_WARN_BELOW:
+            log.warning("%s: only %s; a higher-precision type (q8_0, fp16) answers closer to the merged model",
+                        dtype, agreement.summary())
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,264 +307,6 @@ def training_chat_template(cfg: Config, tokenizer) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# GGUF
-
-
-_GGUF_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
-
-
-def _gguf_problem(config) -> str | None:
-    """Why `write_gguf` cannot write a model with this config (None: it can)."""
-    if config.model_type != "llama":
-        return f"the base is {config.model_type!r}; --to gguf writes Llama-architecture models"
-    if config.hidden_act != "silu":
-        return f"the base uses {config.hidden_act!r}; llama.cpp's llama architecture uses SiLU"
-    if config.rope_parameters["rope_type"] not in _GGUF_ROPE_TYPES:
-        return f"RoPE type {config.rope_parameters['rope_type']!r} is not one of {', '.join(_GGUF_ROPE_TYPES)}"
-    return None
-
-
-def _check_gguf_supported(cfg: Config, adapter_dir: Path) -> None:
-    """Fail before loading any weights when the base model or its tokenizer cannot go to GGUF."""
-    from transformers import AutoConfig
-
-    from medcot.model.load import load_tokenizer, model_path
-    config = AutoConfig.from_pretrained(model_path(cfg.model), revision=cfg.model.revision)
-    if problem := _gguf_problem(config):
-        raise SetupError(f"{cfg.model.name_or_path}: {problem}. Export --to merged and convert that folder with "
-                         "llama.cpp's convert_hf_to_gguf.py.")
-    gguf_vocab(load_tokenizer(str(adapter_dir)), config.vocab_size)  # raises for a tokenizer GGUF can't hold
-
-
-def _permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp's `permute` for Q/K rows: HF's rotate-half RoPE layout -> GGML's adjacent pairs.
-
-    HF Llama rotates dimension i of each head with dimension i + head_dim/2; GGML's RoPE rotates
-    2i with 2i+1. Reordering the output rows of Q and K per head maps one layout onto the other,
-    and q.k is unchanged because both get the same order. transformers' GGUF loader undoes this
-    (`LlamaTensorProcessor._reverse_permute_weights`).
-    """
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-# sha256 of the token ids of llama.cpp's probe text -> llama.cpp pre-tokenizer name
-# (convert_hf_to_gguf.py, get_vocab_base_pre); llama.cpp picks its split regex by this name.
-_PRE_PROBE = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 "
-    "3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
-    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
-    "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
-)
-_PRE_BY_HASH = {
-    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM / SmolLM2
-    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
-}
-
-
-def gguf_vocab(tokenizer, vocab_size: int) -> dict:
-    """The tokenizer as GGUF's gpt2-style BPE vocabulary: tokens, token types, merges, pre-tokenizer.
-
-    Raises:
-        ValueError: the tokenizer is not a byte-level BPE (e.g. a SentencePiece Llama 2 tokenizer).
-    """
-    import gguf
-
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    if backend["model"]["type"] != "BPE" or (backend.get("decoder") or {}).get("type") != "ByteLevel":
-        raise SetupError(
-            "--to gguf writes byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3); this tokenizer is "
-            f"{backend['model']['type']} with a {(backend.get('decoder') or {}).get('type')} decoder. "
-            "Export --to merged and convert with llama.cpp's convert_hf_to_gguf.py."
-        )
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:  # embedding rows beyond the tokenizer (padded vocab)
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            content = added[i].content
-            looks_special = (content.startswith("<|") and content.endswith("|>")) or (
-                content.startswith("<｜") and content.endswith("｜>"))  # same rule as llama.cpp's converter
-            tokens.append(content)
-            types.append(gguf.TokenType.CONTROL if added[i].special or looks_special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
-    merges = backend["model"]["merges"]
-    if merges and isinstance(merges[0], list):
-        # tokenizers >= 0.20 stores pairs; GGUF stores "a b" strings with a space inside a part as U+0120+256.
-        merges = [" ".join(p.replace(" ", chr(ord(" ") + 256)) for p in pair) for pair in merges]
-    chkhsh = hashlib.sha256(str(tokenizer.encode(_PRE_PROBE)).encode()).hexdigest()
-    pre = _PRE_BY_HASH.get(chkhsh)
-    if pre is None:
-        log.warning("llama.cpp does not know this tokenizer's pre-tokenizer (probe hash %s): writing 'default'; "
-                    "llama.cpp will split text with the GPT-2 regex, which may tokenize some text differently", chkhsh)
-        pre = "default"
-    return {"tokens": tokens, "types": types, "merges": merges, "pre": pre}
-
-
-def write_gguf(model, tokenizer, path: Path, dtype: str, name: str) -> None:
-    """Write a Llama model and its tokenizer as one GGUF file (llama.cpp's `llama` architecture).
-
-    Matrices are stored in `dtype` (F16, BF16 or F32); norms and other 1-D tensors in F32, as
-    llama.cpp expects. Tensors are converted and written one at a time, so memory stays at the
-    model plus one tensor.
-
-    Raises:
-        ValueError: a model or tokenizer this writer does not support.
-    """
-    import gguf
-    import numpy as np
-    from tqdm import tqdm
-
-    c = model.config
-    if problem := _gguf_problem(c):
-        raise SetupError(f"write_gguf: {problem}")
-    n_head, n_kv = c.num_attention_heads, c.num_key_value_heads
-    head_dim = c.head_dim or c.hidden_size // n_head
-    rope = c.rope_parameters
-    file_type, qtype = {
-        "fp32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
-        "fp16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
-        "bf16": (gguf.LlamaFileType.MOSTLY_BF16, gguf.GGMLQuantizationType.BF16),
-    }[dtype]
-
-    w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    # -- Model metadata (the keys llama.cpp's converter writes for LlamaForCausalLM)
-    w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(name)
-    w.add_description(f"medcot fine-tune (LoRA merged). {DISCLAIMER}")
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(rope["rope_theta"])
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_vocab_size(c.vocab_size)
-    w.add_file_type(file_type)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    extra: dict[str, torch.Tensor] = {}
-    rope_type = rope["rope_type"]
-    if rope_type == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(rope["factor"])
-    elif rope_type == "yarn":
-        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        w.add_rope_scaling_factor(rope["factor"])
-        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
-    elif rope_type == "llama3":
-        # llama.cpp takes Llama 3.1's frequency-dependent scaling as per-dimension divisors of the
-        # RoPE frequencies, in a `rope_freqs` tensor (as convert_hf_to_gguf.py computes them).
-        extra[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = _llama3_rope_factors(rope, head_dim)
-
-    # -- Tokenizer
-    vocab = gguf_vocab(tokenizer, c.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(vocab["pre"])
-    w.add_token_list(vocab["tokens"])
-    w.add_token_types(vocab["types"])
-    w.add_token_merges(vocab["merges"])
-    for kind in ("bos", "eos", "unk", "pad"):
-        token_id = getattr(tokenizer, f"{kind}_token_id")
-        if token_id is not None:
-            getattr(w, f"add_{kind}_token_id")(token_id)
-    # Whether BOS/EOS are added is a property of the tokenizer's post-processor: ask it.
-    probe = tokenizer("a")["input_ids"]
-    w.add_add_bos_token(tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id)
-    w.add_add_eos_token(tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id)
-    if tokenizer.chat_template:
-        w.add_chat_template(tokenizer.chat_template)
-
-    # -- Tensors: declare all (name, shape, type), write the header, then stream the data.
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
-    state = model.state_dict()
-    if c.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # llama.cpp reuses token_embd when `output` is absent
-    plan = []
-    for hf_name, tensor in state.items():
-        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise SetupError(f"--to gguf: no GGUF name for tensor {hf_name!r} of a Llama model")
-        keep_f32 = tensor.ndim <= 1 or gguf_name.endswith("_norm.weight")
-        plan.append((gguf_name, hf_name, gguf.GGMLQuantizationType.F32 if keep_f32 else qtype))
-    plan += [(n, n, gguf.GGMLQuantizationType.F32) for n in extra]
-    np_dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16,
-                gguf.GGMLQuantizationType.BF16: np.int16}  # numpy has no bfloat16: BF16 travels as raw 16 bits
-    tensors = {**state, **extra}
-    for gguf_name, hf_name, t in plan:
-        shape = tuple(tensors[hf_name].shape)
-        nbytes = tensors[hf_name].numel() * (4 if t == gguf.GGMLQuantizationType.F32 else 2)
-        w.add_tensor_info(gguf_name, shape, np_dtype[t], nbytes, raw_dtype=t)
-
-    w.write_header_to_file(path=path)
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for gguf_name, hf_name, t in tqdm(plan, desc="gguf tensors", unit="tensor", leave=False):
-        data = tensors[hf_name].detach().to(torch.float32)
-        if hf_name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
-            data = _permute_qk(data, n_head)
-        elif hf_name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
-            data = _permute_qk(data, n_kv)
-        w.write_tensor_data(_to_numpy(data.contiguous(), t))
-    w.close()
-
-
-def _to_numpy(t: torch.Tensor, qtype):
-    import gguf
-
-    if qtype == gguf.GGMLQuantizationType.F32:
-        return t.numpy()
-    if qtype == gguf.GGMLQuantizationType.F16:
-        return t.to(torch.float16).numpy()
-    return t.to(torch.bfloat16).view(torch.int16).numpy()
-
-
-def _llama3_rope_factors(rope: dict, head_dim: int) -> torch.Tensor:
-    import math
-
-    base, factor = rope["rope_theta"], rope["factor"]
-    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
-    old_ctx = rope["original_max_position_embeddings"]
-    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    factors = []
-    for f in freqs.tolist():
-        wavelen = 2 * math.pi / f
-        if wavelen < old_ctx / high:
-            factors.append(1.0)
-        elif wavelen > old_ctx / low:
-            factors.append(factor)
-        else:
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            factors.append(1 / ((1 - smooth) / factor + smooth))
-    return torch.tensor(factors, dtype=torch.float32)
-
-
-def ollama_modelfile(cfg: Config, tokenizer, gguf_name: str, name: str) -> str:
-    """An Ollama Modelfile: the GGUF, the training prompt as a Go template, and the stop token."""
-    from medcot.data.prompts import PromptFormatter
-    lines = [f"# ollama create {name.lower()} -f Modelfile", f"FROM ./{gguf_name}", ""]
-    if cfg.prompt.template != "chat":
-        try:
-            prompt = PromptFormatter(tokenizer, cfg.prompt).prompt("\u2063Q\u2063")
-        except FileNotFoundError:
-            prompt = None
-        if prompt is not None:
-            before, after = (s.replace("{{", '{{ "{{" }}') for s in prompt.split("\u2063Q\u2063"))
-            lines += [f'TEMPLATE """{before}{{{{ .Prompt }}}}{after}"""', ""]
-    # else: Ollama reads the chat template from the GGUF metadata
-    lines += [f'PARAMETER stop "{tokenizer.eos_token}"', f"PARAMETER temperature {cfg.generate.temperature:g}",
-              f"PARAMETER num_predict {cfg.generate.max_new_tokens}", ""]
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
 # Model card
 
 
@@ -529,6 +336,34 @@ def _human(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return ""
+
+
+def quantization_lines(dtype: str, q: dict) -> list[tuple[str, str]]:
+    """(label, text) lines for the command's summary of a quantized GGUF."""
+    lines = [("Size", f"{_human(q['bytes'])} ({100 * q['bytes'] / q['fp16_bytes']:.0f}% of fp16: "
+                      f"{_human(q['fp16_bytes'])}); {dtype} by {q['quantizer']}")]
+    if a := q.get("agreement"):
+        lines.append(("Agreement", f"{100 * a['token_agreement']:.1f}% of {a['tokens']} greedy tokens match fp16 "
+                                   f"(teacher-forced); {a['identical']}/{a['prompts']} answers identical ({a['backend']})"))
+        if a["token_agreement"] < AGREEMENT_WARN_BELOW:
+            lines.append(("", f"below {100 * AGREEMENT_WARN_BELOW:.0f}%: this file answers differently from fp16; "
+                              "prefer q8_0 or fp16"))
+    else:
+        lines.append(("Agreement", "not checked (--no-check)"))
+    return lines
+
+
+def quantization_note(dtype: str, q: dict) -> str:
+    """One paragraph on a quantized GGUF: type, quantizer, size against fp16, agreement with fp16."""
+    text = (f"Quantization: {dtype.upper()} by {q['quantizer']}; {_human(q['bytes'])} "
+            f"({100 * q['bytes'] / q['fp16_bytes']:.0f}% of the fp16 GGUF, {_human(q['fp16_bytes'])}).")
+    if a := q.get("agreement"):
+        text += (f" Greedy decoding of {a['prompts']} clinical prompts: {100 * a['token_agreement']:.1f}% of the fp16 "
+                 f"file's {a['tokens']} greedy tokens are this file's greedy choice too, and {a['identical']} of "
+                 f"{a['prompts']} answers are identical token for token ({a['backend']}).")
+    else:
+        text += " Not compared with the fp16 file (exported with --no-check)."
+    return text
 
 
 def model_card(run_dir: Path, cfg: Config, out: Path, repo_id: str | None) -> str:
@@ -562,6 +397,10 @@ def model_card(run_dir: Path, cfg: Config, out: Path, repo_id: str | None) -> st
         + (f"GGUF ({meta['dtype']}) for llama.cpp and Ollama." if gguf_files
            else f"{meta['dtype']} safetensors that plain transformers loads (no PEFT needed)."),
         "",
+    ]
+    if q := meta.get("quantization"):
+        lines += [quantization_note(meta["dtype"], q), ""]
+    lines += [
         "## Base model",
         "",
     ]
@@ -648,8 +487,12 @@ def model_card(run_dir: Path, cfg: Config, out: Path, repo_id: str | None) -> st
     if gguf_files:
         g = gguf_files[0]
         lines += [
-            "llama.cpp:", "", "```bash",
-            f"llama-cli -m {g} --jinja -cnv --temp {cfg.generate.temperature:g}", "```", "",
+            "llama.cpp (`llama-cli` is the interactive chat; `llama-completion` answers one prompt and exits):",
+            "", "```bash",
+            f"llama-cli -m {g} --jinja --temp {cfg.generate.temperature:g}",
+            f"llama-completion -m {g} --jinja --single-turn --temp {cfg.generate.temperature:g} "
+            f"-n {cfg.generate.max_new_tokens} -p \"A 60-year-old smoker has haemoptysis and weight loss. What is the "
+            "most likely diagnosis?\"", "```", "",
             "Ollama (the `Modelfile` beside the GGUF carries the prompt template):", "", "```bash",
             f"ollama create {meta['run'].lower()} -f Modelfile",
             f"ollama run {meta['run'].lower()} \"A 60-year-old smoker has haemoptysis and weight loss. What is the "

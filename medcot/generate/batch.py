@@ -4,9 +4,10 @@ run by the one engine (`medcot.generate.engine`) in the caller's thread."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import threading
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 from medcot.config import GenerateArgs
@@ -45,12 +46,32 @@ def completion_text(tokenizer, request: Request) -> str:
             + tokenizer.decode(ids[at:], skip_special_tokens=True))
 
 
+@contextlib.contextmanager
+def full_weights(model) -> Iterator[None]:
+    """Gather FSDP2-sharded weights for the duration of a generation (every process takes part).
+
+    FSDP2 gathers a layer's weights in that layer's forward hooks, but the engine calls the layers' parts
+    directly, so the hooks never run: without this it would multiply by shards (DTensors).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
+
+
 def run_requests(model, tokenizer, prompts: list[list[int]], params: list[SamplingParams], batch_size: int,
                  progress=None) -> list[Request]:
     """Run every prompt to its end with continuous batching (`batch_size` at a time); raises the first error."""
-    engine = engine_for(model, tokenizer, prompts, max((p.max_tokens for p in params), default=1), batch_size)
     requests = [Request(ids, p) for ids, p in zip(prompts, params)]
-    engine.run(requests, progress)
+    with full_weights(model):
+        engine = engine_for(model, tokenizer, prompts, max((p.max_tokens for p in params), default=1), batch_size)
+        engine.run(requests, progress)
     for r in requests:
         if r.result is None or r.result.kind == "error":
             raise r.result.error if r.result is not None else RuntimeError("generation did not finish")
