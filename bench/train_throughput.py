@@ -209,6 +209,7 @@ def run_medcot(args, tok, rows):
         apply_fused_kernels,
         limit_checkpointing,
         offload_checkpointing,
+        skip_optimizer_syncs,
         use_packed_attention,
     )
     from medcot.train.trainer import train_step
@@ -238,6 +239,8 @@ def run_medcot(args, tok, rows):
     fixed_loss = _fixed_batch_loss(model, rows[:per_step], device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(params, args)
+    if fast:
+        skip_optimizer_syncs(opt)  # as `medcot train` does
     autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
     # Training mode, as medcot's loop sets it: transformers recomputes checkpointed layers only in
     # training mode (from_pretrained returns the model in eval mode; without this no layer recomputes).

@@ -49,6 +49,7 @@ from medcot.train.fast import (
     fast_path_enabled,
     limit_checkpointing,
     offload_checkpointing,
+    skip_optimizer_syncs,
     use_packed_attention,
 )
 from medcot.train.tracking import Tracker
@@ -128,6 +129,7 @@ class Trainer:
         t, world, on_log = self.cfg.train, self.world, self.on_log
         params = [p for p in self.engine.parameters() if p.requires_grad]
         optimizer = _make_optimizer(params, t.optimizer, lr, t.weight_decay)
+        skip_optimizer_syncs(optimizer)  # 8-bit AdamW's per-tensor device syncs: same update, no host stalls
         scheduler = _make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, max_steps)
         if world.main:
             discard_unfinished(stage_dir)
