@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medcot.data.rows import iter_jsonl
+from medcot.data.sources import iter_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO.parent / "shared" / "data" / "eval" / "normalized" / "pubmedqa_pqal.shared.jsonl"

@@ -23,7 +23,7 @@ from medcot.data.corpus import (
     split_documents,
 )
 from medcot.data.prompts import IGNORE_INDEX
-from medcot.data.rows import iter_jsonl
+from medcot.data.sources import iter_jsonl
 from medcot.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -340,3 +340,35 @@ def test_data_check_takes_max_seq_length_from_the_config_in_use(tmp_path, capsys
     out = capsys.readouterr().out
     assert f"over max_seq_length={TrainArgs().max_seq_length} (dropped)" in out
     assert "from the defaults (pass the training config with --config) + overrides" in out
+
+
+@pytest.mark.parametrize(("source", "local"), [
+    ("FreedomIntelligence/medical-o1-reasoning-SFT", False), ("medqa", False), ("owner/name", False),
+    ("rows.jsonl", True), ("data/rows.CSV", True), ("./rows", True), ("~/rows", True), ("/abs/rows", True),
+    ("a/b/c", True),
+])
+def test_one_rule_tells_a_local_path_from_a_hub_id(source, local):
+    from medcot.data.sources import is_local
+
+    assert is_local(source) is local
+
+
+def test_an_existing_folder_named_like_a_hub_id_is_local(tmp_path, monkeypatch):
+    from medcot.data.sources import is_local
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "owner" / "name").mkdir(parents=True)
+    assert is_local("owner/name")
+
+
+@pytest.mark.parametrize("source", ["./missing-rows", "no/such/file"])
+def test_training_rows_and_raw_text_treat_a_missing_path_alike(source):
+    """Both loaders share the rule: a path that is not there is a missing file, never a hub download."""
+    from medcot.config import DataArgs, PretrainArgs
+    from medcot.data.corpus import iter_documents
+    from medcot.data.rows import load_records
+
+    with pytest.raises(FileNotFoundError):
+        load_records(DataArgs(source=source))
+    with pytest.raises(FileNotFoundError):
+        iter_documents(PretrainArgs(source=source))

@@ -18,11 +18,10 @@ from typing import Any, Callable, Iterable, Iterator
 from tqdm.auto import tqdm
 
 from medcot.config import PretrainArgs
-from medcot.embedded import EMBEDDED_CORPUS
 from medcot.data.prompts import Encoded
-from medcot.data.rows import LOCAL_SUFFIXES, _decode, _iter_rows
+from medcot.data.sources import LOCAL_SUFFIXES, decode, is_local, iter_rows
+from medcot.embedded import EMBEDDED_CORPUS
 from medcot.errors import ConfigError, DataError
-
 
 
 @dataclass(frozen=True)
@@ -63,16 +62,14 @@ def iter_documents(args: PretrainArgs) -> Documents:
         if not files:
             raise DataError(f"{path}: no .txt files in this folder or below it (one document per .txt file)")
         return Documents(source, len(files), lambda: (_txt_document(p) for p in files))
-    # A hub id is "name" or "owner/name"; anything else that looks like a path must exist here.
-    looks_local = path.suffix.lower() in LOCAL_SUFFIXES or source.startswith(("/", ".", "~")) or source.count("/") > 1
-    if path.exists() or looks_local:
+    if is_local(source):
         if not path.exists():
             raise FileNotFoundError(f"pretrain.source {source!r} does not exist (a folder of .txt files or a "
                                     f"{'/'.join(LOCAL_SUFFIXES)} file)")
         if path.suffix.lower() not in LOCAL_SUFFIXES:
             raise DataError(f"{path}: unsupported file type; pretrain.source takes a folder of .txt files or a "
                             f"{'/'.join(LOCAL_SUFFIXES)} file")
-        return Documents(source, _count_rows(path), lambda: _texts(source, _iter_rows(path), args.text_column))
+        return Documents(source, _count_rows(path), lambda: _texts(source, iter_rows(path), args.text_column))
     from datasets import (  # token: datasets reads HF_TOKEN from the environment
         Dataset,
         load_dataset,
@@ -88,7 +85,7 @@ def iter_documents(args: PretrainArgs) -> Documents:
 
 
 def _txt_document(path: Path) -> str:
-    text = _decode(path).strip()
+    text = decode(path).strip()
     if not text:
         raise DataError(f"{path}: the document is empty")
     return text

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from medcot.data.rows import iter_jsonl
+from medcot.data.sources import iter_jsonl
 from medcot.errors import ConfigError, DataError
 from medcot.eval.extract import Extraction
 
