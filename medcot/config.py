@@ -223,7 +223,9 @@ class GrpoArgs:
     )
     hub_config: str | None = _help("Hub dataset config name.", None)
     split: str = _help("Hub dataset split.", "train")
-    num_samples: int | None = _help("Use this many items, sampled with train.seed (null: all).", None)
+    num_samples: int | None = _help(
+        "Train on this many items, sampled with train.seed after grpo.val_size are held out (null: all).", None
+    )
     val_size: int = _help(
         "Items held out (never trained on): greedy accuracy and format before and after, and the report's answers.", 16
     )
@@ -704,13 +706,18 @@ def option_help(key: str) -> dict[str, Any]:
 
 def summary(cfg: Config) -> str:
     """A few lines on what a command will run (the full resolved config goes to the run folder, or --verbose)."""
-    m, t = cfg.model, cfg.train
-    return "\n".join([
-        f"model   {m.name_or_path} (quantization {m.quantization}, dtype {m.dtype}, device {m.device})",
-        f"data    {cfg.data.source}" + (f" ({cfg.data.num_samples} rows sampled)" if cfg.data.num_samples else ""),
-        f"train   stage {t.stage}, {t.max_steps} steps x {t.per_device_batch_size * t.gradient_accumulation_steps} rows,"
-        f" lr {t.learning_rate:g}, LoRA r={cfg.lora.r}, into {t.output_dir}/",
-    ])
+    m, t, g = cfg.model, cfg.train, cfg.grpo
+    lines = [f"model   {m.name_or_path} (quantization {m.quantization}, dtype {m.dtype}, device {m.device})"]
+    if t.stage != "grpo":  # GRPO alone trains on grpo.source only
+        lines += [
+            f"data    {cfg.data.source}" + (f" ({cfg.data.num_samples} rows sampled)" if cfg.data.num_samples else ""),
+            f"train   stage {t.stage}, {t.max_steps} steps x {t.per_device_batch_size * t.gradient_accumulation_steps} rows,"
+            f" lr {t.learning_rate:g}, LoRA r={cfg.lora.r}, into {t.output_dir}/",
+        ]
+    if t.stage in ("grpo", "sft+grpo"):
+        lines.append(f"grpo    {g.source}: {g.max_steps} steps x {g.prompts_per_step} prompts x {g.num_generations} "
+                     f"completions, lr {g.learning_rate:g}, LoRA r={cfg.lora.r}, into {t.output_dir}/")
+    return "\n".join(lines)
 
 
 def config_help() -> str:

@@ -25,6 +25,10 @@ class ColumnsError(DataError):
     """The file lacks the mapped columns: a file-level problem that --skip-bad-rows cannot skip."""
 
 
+class ContaminationError(DataError):
+    """Training items overlap the configured eval benchmarks; the message gives the counts per benchmark."""
+
+
 class ModelSetupError(MedcotError, RuntimeError):
     """The requested model setup cannot run on this machine; the message says what to change."""
 

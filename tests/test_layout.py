@@ -24,6 +24,7 @@ LAYERS = [
     {"medcot.generate"},
     {"medcot.train"},
     {"medcot.eval"},
+    {"medcot.rl"},  # GRPO: its reward is eval's extractor, its data passes eval's overlap check
     {"medcot.serve", "medcot.export"},
     {"medcot.doctor"},
     {"medcot.cli"},

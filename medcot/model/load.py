@@ -141,9 +141,10 @@ def merge_adapter(model, adapter_dir: Path):
 
 
 def stage_adapters(run_dir: Path) -> list[Path]:
-    """Adapters to merge into the base before a run's own adapter: the pre-training stage's, if any."""
-    pre = run_dir / "pretrain" / "adapter"
-    return [pre] if (run_dir / "adapter").is_dir() and pre.is_dir() else []
+    """Adapters to merge into the base before a run's own adapter: the pre-training stage's (pretrain+sft)
+    or the SFT stage's (sft+grpo), if any."""
+    earlier = [run_dir / stage / "adapter" for stage in ("pretrain", "sft")]
+    return [a for a in earlier if a.is_dir()] if (run_dir / "adapter").is_dir() else []
 
 
 def load_for_inference(cfg: Config, adapter: str | Path | None = None):
