@@ -24,7 +24,12 @@ from medcot.errors import ConfigError, ContaminationError
 from medcot.eval.tasks import EMBEDDED_EVAL_DIR, TASKS, Item
 from medcot.generate.budget import FORCE_CLOSE, Answer
 from medcot.rl import rewards
-from medcot.rl.algorithm import group_advantages, step_normaliser, token_logprobs, token_loss
+from medcot.rl.algorithm import (
+    group_advantages,
+    step_normaliser,
+    token_logprobs,
+    token_loss,
+)
 from medcot.rl.items import check_contamination, load_items
 from medcot.rl.rollout import Rollout, collate, completion_logprobs, completion_tokens
 

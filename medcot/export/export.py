@@ -40,7 +40,6 @@ from medcot.config import Config, load_config
 from medcot.disclaimer import DISCLAIMER
 from medcot.embedded import EMBEDDED_MODEL_NAME
 from medcot.errors import SetupError
-from medcot.io import write_atomic, write_dir_atomic
 from medcot.export.gguf_writer import check_gguf_supported, ollama_modelfile, write_gguf
 from medcot.export.quantize import (
     AGREEMENT_WARN_BELOW,
@@ -51,6 +50,7 @@ from medcot.export.quantize import (
     quantize_with_llama_cpp,
     require_llama_cpp_quantizer,
 )
+from medcot.io import write_atomic, write_dir_atomic
 from medcot.model.load import DTYPES
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from medcot.config import GenerateArgs
-from medcot.generate.batch import completion_text, generate, run_requests, sampling_params
+from medcot.generate.batch import (
+    completion_text,
+    generate,
+    run_requests,
+    sampling_params,
+)
 from medcot.generate.reasoning import FORCE_CLOSE, THINK_CLOSE
 
 __all__ = ["FORCE_CLOSE", "Answer", "generate_answers"]

@@ -48,15 +48,15 @@ from medcot.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from medcot.train.trainer import (
-    Trainer,
-    _make_optimizer,
-    _make_scheduler,
-    _StopFlag,
-    peak_mem_gib,
-)
 from medcot.train.distributed import World
 from medcot.train.tracking import Tracker
+from medcot.train.trainer import (
+    StopFlag,
+    Trainer,
+    make_optimizer,
+    make_scheduler,
+    peak_mem_gib,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,10 @@ def grpo(cfg: Config, run_dir: Path, on_log: Callable[[str], None] = log.info,
 
     # -- Optimizer, resume, before --------------------------------------------------------------
     params = [p for p in run.engine.parameters() if p.requires_grad]
-    optimizer = _make_optimizer(params, t.optimizer, g.learning_rate, t.weight_decay)
+    optimizer = make_optimizer(params, t.optimizer, g.learning_rate, t.weight_decay)
     # One schedule step per GRPO step (its grpo.iterations updates share a learning rate), so the checkpoint's
     # step and the schedule's agree.
-    scheduler = _make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, g.max_steps)
+    scheduler = make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, g.max_steps)
     discard_unfinished(run_dir)
     if not (run_dir / "config.yaml").is_file():
         write_atomic(run_dir / "config.yaml", cfg.to_yaml())
@@ -154,7 +154,7 @@ def grpo(cfg: Config, run_dir: Path, on_log: Callable[[str], None] = log.info,
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     run.engine.train()
-    stop = _StopFlag()
+    stop = StopFlag()
     with stop.installed():
         for step in range(state.step, g.max_steps):  # `step` counts from 0; state.step is steps done
             t0 = time.perf_counter()

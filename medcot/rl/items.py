@@ -84,7 +84,9 @@ def _task_of_file(path: Path) -> Task:
 
 
 def _load_hub(g: GrpoArgs, task: Task) -> list[Item]:
-    from datasets import load_dataset  # network; datasets reads HF_TOKEN from the environment
+    from datasets import (
+        load_dataset,  # network; datasets reads HF_TOKEN from the environment
+    )
 
     ds = load_dataset(g.source, g.hub_config, split=g.split)
     where = f"{g.source} ({g.split})"

@@ -11,7 +11,13 @@ from medcot.disclaimer import DISCLAIMER
 from medcot.generate.reasoning import split_reasoning
 from medcot.io import write_atomic, write_file_atomic
 from medcot.rl.rewards import EVAL_PROTOCOL
-from medcot.train.report import device_name, file_sha256, git_commit, package_versions, train_eval_table
+from medcot.train.report import (
+    device_name,
+    file_sha256,
+    git_commit,
+    package_versions,
+    train_eval_table,
+)
 from medcot.train.tracking import read_metrics
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from medcot.model.load import resolve_device
 from medcot.rl.grpo import GrpoResult, grpo
 from medcot.rl.items import check_contamination, load_items
 from medcot.train import distributed
-from medcot.train.run import _open_run
+from medcot.train.run import open_run
 from medcot.train.sft import sft
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def train_grpo(cfg: Config | None = None, resume: str | Path | None = None,
         ContaminationError: the GRPO items overlap the eval benchmarks (grpo.exclude_overlap=false).
         TrainingDiverged / Interrupted: as `medcot train`.
     """
-    cfg, run_dir = _open_run(cfg, resume)
+    cfg, run_dir = open_run(cfg, resume)
     world = distributed.init(cfg.train.distributed, resolve_device(cfg.model).type == "cuda")
     try:
         if world.size > 1:

@@ -37,7 +37,13 @@ from medcot.errors import MedcotError, Overloaded, Unavailable
 from medcot.generate.engine import Engine, Event, SamplingParams, Ticket
 from medcot.generate.reasoning import ReasoningSplitter
 from medcot.serve.chat import build_prompt
-from medcot.serve.security import API_KEY_ENV, GuardMiddleware, check_bind, is_loopback, key_problem
+from medcot.serve.security import (
+    API_KEY_ENV,
+    GuardMiddleware,
+    check_bind,
+    is_loopback,
+    key_problem,
+)
 
 from .protocol import (
     REASONING_EFFORT_TOKENS,

@@ -18,7 +18,12 @@ import hmac
 import ipaddress
 
 from medcot.errors import InsecureBindError
-from medcot.serve.protocol import APIError, AuthenticationError, RequestError, RequestTooLargeError
+from medcot.serve.protocol import (
+    APIError,
+    AuthenticationError,
+    RequestError,
+    RequestTooLargeError,
+)
 
 API_KEY_ENV = "MEDCOT_API_KEY"
 # 16 characters of a random token (secrets.token_urlsafe) are ~96 bits: out of reach of online guessing.

@@ -45,7 +45,7 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, on_log: C
         Interrupted: SIGINT/SIGTERM: during a step, after it is checkpointed; elsewhere at once. The folder
             stays for --resume.
     """
-    cfg, run_dir = _open_run(cfg, resume)
+    cfg, run_dir = open_run(cfg, resume)
     world = distributed.init(cfg.train.distributed, resolve_device(cfg.model).type == "cuda")
     try:
         run_dir = distributed.broadcast(run_dir, world)  # the default name is rank 0's timestamp
@@ -88,7 +88,7 @@ def _stages(cfg: Config, run_dir: Path, world: distributed.World, on_log, evalua
     return result
 
 
-def _open_run(cfg: Config | None, resume: str | Path | None) -> tuple[Config, Path]:
+def open_run(cfg: Config | None, resume: str | Path | None) -> tuple[Config, Path]:
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():

@@ -128,9 +128,9 @@ class Trainer:
         """
         t, world, on_log = self.cfg.train, self.world, self.on_log
         params = [p for p in self.engine.parameters() if p.requires_grad]
-        optimizer = _make_optimizer(params, t.optimizer, lr, t.weight_decay)
+        optimizer = make_optimizer(params, t.optimizer, lr, t.weight_decay)
         skip_optimizer_syncs(optimizer)  # 8-bit AdamW's per-tensor device syncs: same update, no host stalls
-        scheduler = _make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, max_steps)
+        scheduler = make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, max_steps)
         if world.main:
             discard_unfinished(stage_dir)
             # The run folder got its config.yaml at the start (train.run); a stage subfolder gets its own copy,
@@ -151,7 +151,7 @@ class Trainer:
                                     resume_step=state.step)
             self.tracker_backend = self._tracker.backend
 
-        stop = _StopFlag()
+        stop = StopFlag()
         rows_per_step = distributed.rows_per_step(t, world)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -272,7 +272,7 @@ def train_step(model, rows: list[Encoded], t, pad_id: int, packing: bool, autoca
 # Helpers, in the order the loop uses them.
 
 
-def _make_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "adamw_8bit":
         try:
             import bitsandbytes as bnb
@@ -282,7 +282,7 @@ def _make_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def _make_scheduler(optimizer, kind: str, warmup_steps: int, max_steps: int):
+def make_scheduler(optimizer, kind: str, warmup_steps: int, max_steps: int):
     from transformers import get_scheduler
 
     return get_scheduler(kind if kind != "constant" else "constant_with_warmup", optimizer,
@@ -342,7 +342,7 @@ def peak_mem_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-class _StopFlag:
+class StopFlag:
     """In the optimizer loop: the first SIGINT/SIGTERM asks to finish the current step, save a checkpoint and stop.
 
     Ctrl-C pressed again (a SIGINT over a second later) means "now". A repeated SIGTERM, or a SIGINT right
@@ -374,7 +374,7 @@ class _Signalled(KeyboardInterrupt):
 @contextlib.contextmanager
 def interrupt_on_signal(message: Callable[[str], str]):
     """Outside the optimizer loop (setup, the before and after phases), SIGINT/SIGTERM stop the block at once
-    with `Interrupted(message(signal name))`. Inside `fit`, `_StopFlag` takes over."""
+    with `Interrupted(message(signal name))`. Inside `fit`, `StopFlag` takes over."""
 
     def handler(signum, frame):
         raise _Signalled(signal.Signals(signum).name)

@@ -12,7 +12,11 @@ from medcot.config import load_config
 from medcot.errors import ConfigError
 from medcot.eval.consistency import bootstrap_mean_interval, sample_metrics, vote
 from medcot.eval.protocols import PROTOCOLS
-from medcot.eval.protocols.huatuo_scorer import better_side, match_choice, postprocess_output
+from medcot.eval.protocols.huatuo_scorer import (
+    better_side,
+    match_choice,
+    postprocess_output,
+)
 from medcot.eval.protocols.loglik import encode_pair, option_logliks
 from medcot.eval.run import run_eval
 from medcot.eval.tasks import TASKS

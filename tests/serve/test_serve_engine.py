@@ -10,13 +10,13 @@ import pytest
 
 from medcot.config import GenerateArgs, PromptArgs
 from medcot.data.prompts import INSTRUCTION, PromptFormatter
+from medcot.errors import Overloaded, Unavailable
 from medcot.generate.batch import generate
 from medcot.generate.budget import FORCE_CLOSE
 from medcot.generate.engine import Engine, SamplingParams
 from medcot.generate.reasoning import ReasoningSplitter, split_reasoning
 from medcot.model.load import load_tokenizer
 from medcot.serve.chat import build_prompt, conversation_to_question
-from medcot.errors import Overloaded, Unavailable
 from medcot.serve.protocol import ChatMessageParam, RequestError
 
 # -- ReasoningSplitter --------------------------------------------------------------------------------
@@ -263,7 +263,9 @@ def test_no_budget_is_the_old_behaviour(tiny):
 
 
 def _scripted(model, tok, jobs, **limits):
-    from serve_utils import ScriptedEngine  # tokens follow a script named by a word of the prompt
+    from serve_utils import (
+        ScriptedEngine,  # tokens follow a script named by a word of the prompt
+    )
 
     return _run_engine(model, tok, jobs, engine_cls=ScriptedEngine, **limits)
 

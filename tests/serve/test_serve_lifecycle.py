@@ -11,7 +11,14 @@ import time
 
 import httpx
 import pytest
-from serve_utils import LiveServer, chat, free_port, serve_in_thread, server_env, tiny_config
+from serve_utils import (
+    LiveServer,
+    chat,
+    free_port,
+    serve_in_thread,
+    server_env,
+    tiny_config,
+)
 
 from medcot.errors import ModelSetupError
 from medcot.generate.engine import Event, Ticket

@@ -21,7 +21,12 @@ from dataclasses import replace
 
 from medcot.errors import ConfigError
 from medcot.eval.protocols.base import GenerativeProtocol, verdict_of
-from medcot.eval.protocols.huatuo_scorer import MATCH_TYPES, better_side, match_choice, postprocess_output
+from medcot.eval.protocols.huatuo_scorer import (
+    MATCH_TYPES,
+    better_side,
+    match_choice,
+    postprocess_output,
+)
 
 QUERY = "Please answer the following multiple-choice question:\n{question}\n{option_str}"
 TEMPERATURE, TOP_P = 0.5, 0.9  # evaluation/eval.py, call_model
