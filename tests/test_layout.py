@@ -138,7 +138,7 @@ def test_the_checker_sees_an_upward_import_and_a_cycle(tmp_path):
 def test_every_stage_is_a_folder_and_no_module_lies_loose():
     loose = {p.stem for p in PACKAGE.glob("*.py")}
     assert loose == {"__init__", "__main__", "cli", "config", "disclaimer", "doctor", "embedded", "errors", "io"}
-    for stage in ("data", "model", "generate", "train", "eval", "serve", "export"):
+    for stage in ("data", "model", "generate", "train", "eval", "rl", "serve", "export"):
         assert (PACKAGE / stage / "__init__.py").is_file(), stage
 
 
@@ -149,7 +149,7 @@ def test_every_module_the_readme_names_exists():
     assert named, "README names no module"
     missing = [n for n in sorted(named) if not (REPO / n).exists()]
     assert not missing, f"README names modules that do not exist: {missing}"
-    for stage in ("data", "model", "generate", "train", "eval", "serve", "export"):
+    for stage in ("data", "model", "generate", "train", "eval", "rl", "serve", "export"):
         assert f"medcot/{stage}/" in named, f"README's architecture list misses medcot/{stage}/"
 
 
