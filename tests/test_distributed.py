@@ -25,6 +25,8 @@ from medcot.data.prompts import Encoded
 from medcot.errors import ConfigError
 from medcot.train.distributed import deal_rows, equal_groups
 
+pytestmark = pytest.mark.slow  # several real processes per test (torchrun, gloo)
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["train.max_steps=4", "train.gradient_accumulation_steps=2", "train.save_steps=2"]
 

@@ -88,6 +88,7 @@ def test_merged_export_defaults_to_bf16_in_the_run_folder(run_dir):
     assert json.loads((out / "export.json").read_text())["dtype"] == "bf16"
 
 
+@pytest.mark.slow
 def test_gguf_export_writes_llama_cpp_tensors_and_vocabulary(run_dir, tmp_path):
     """F32 GGUF of the tiny model, read back with the gguf package (transformers' loader is exercised
     on the embedded model below): merged weights under GGUF names, Q/K in llama.cpp's order, and the
@@ -205,6 +206,7 @@ def tiny_fp16_gguf(run_dir, tmp_path_factory) -> tuple[Path, dict]:
     return out / "tiny-fp16.gguf", _gguf_tensors(out / "tiny-fp16.gguf")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
 def test_quantized_gguf_holds_the_merged_weights_in_the_bytes_its_type_promises(dtype, run_dir, tmp_path,
                                                                                tiny_fp16_gguf, capsys):

@@ -94,6 +94,7 @@ def test_engine_greedy_equals_hf_generate(tiny):
     assert engine_tokens(model, tok, prompts, 24, batch_size=3) == [hf_greedy(model, p, 24) for p in prompts]
 
 
+@pytest.mark.slow
 def test_engine_greedy_equals_hf_generate_on_the_embedded_model(embedded_dir):
     """The same on real weights (SmolLM2-135M, fp32), where the logits have a clear winner."""
     from transformers import AutoModelForCausalLM

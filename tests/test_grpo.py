@@ -316,6 +316,7 @@ def test_training_on_eval_items_is_refused_with_counts(tmp_path, grpo_argv, caps
     assert not (tmp_path / "contaminated" / "checkpoints").exists()  # refused before any training
 
 
+@pytest.mark.slow
 def test_grpo_end_to_end(tmp_path, grpo_argv, monkeypatch):
     from safetensors.torch import load_file
 
@@ -402,6 +403,7 @@ def test_resume_mid_stage_is_exact(tmp_path, grpo_argv, monkeypatch):
     assert json.loads((run / "result.json").read_text())["heldout_before"] == before
 
 
+@pytest.mark.slow
 def test_sft_then_grpo_in_one_run_folder(tmp_path, tiny_train_argv, medqa_dev, capsys):
     from medcot.model.load import stage_adapters
 

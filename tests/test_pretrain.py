@@ -23,6 +23,8 @@ from medcot.cli import main
 from medcot.config import load_config
 from medcot.data.corpus import EMBEDDED_CORPUS
 
+pytestmark = pytest.mark.slow  # real pre-training + SFT runs of the embedded model
+
 PROMPT = "A 60-year-old smoker has haemoptysis and weight loss. What is the most likely diagnosis?"
 # 128-token blocks and 4 held-out abstracts of the shipped PubMed sample: a pre-training step is ~0.2 s.
 PRE = ["pretrain.block_size=128", "pretrain.val_docs=4"]

@@ -99,6 +99,7 @@ def real_run(tmp_path_factory, embedded_dir):
 # -- the real embedded model ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_run_folder_explains_itself(real_run):
     run = real_run["dir"]
     for name in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
@@ -296,6 +297,7 @@ def test_nan_from_the_start_stops_with_a_clear_message(tmp_path, tiny_model_dir,
     assert not (tmp_path / "nan" / "adapter").exists()
 
 
+@pytest.mark.slow
 def test_nan_mid_run_keeps_the_last_good_checkpoint(tmp_path, tiny_train_argv, capsys, monkeypatch):
     attach = medcot.train.trainer.attach_lora
     calls = {"train_forwards": 0}
@@ -336,6 +338,7 @@ def test_nan_mid_run_keeps_the_last_good_checkpoint(tmp_path, tiny_train_argv, c
 # -- tracking and secrets -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_wandb_offline_files_and_no_secrets_anywhere(tmp_path, tiny_train_argv, no_secrets_env, capfd, caplog, monkeypatch):
     for var in ["WANDB_MODE", "WANDB_DISABLED", "WANDB_DIR"]:
         monkeypatch.delenv(var, raising=False)

@@ -31,6 +31,7 @@ def test_thinking_budget_forces_the_answer(tiny_model_dir):
     assert all(not a.forced and a.num_tokens == 7 for a in single)
 
 
+@pytest.mark.slow
 def test_interrupted_eval_resumes_without_recomputing(tiny_overrides, tmp_path, monkeypatch):
     cfg = load_config(None, tiny_overrides + ["eval.benchmarks=medqa,pubmedqa"])
     out = tmp_path / "eval"

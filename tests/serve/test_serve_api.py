@@ -460,6 +460,7 @@ def _wait_for(c, **load):
     raise AssertionError(f"server never reached {load}: {h}")
 
 
+@pytest.mark.slow
 def test_past_capacity_is_429_with_retry_after(make_client):
     c = make_client("serve.max_batch_size=1", "serve.max_queue=1", step_delay_s=0.05)
     first, out1 = _in_background(c, chat("unfinished", max_tokens=30))

@@ -15,6 +15,8 @@ from serve_utils import LiveServer, chat, server_env
 
 from medcot.cli import main
 
+pytestmark = pytest.mark.slow  # a live server process on the embedded model
+
 KEY = "sk-medcot-live-SECRET-4821"
 HF = "hf_liveSECRETtoken9876543"
 QUESTION = "A child has a barking cough and stridor after a cold. What is the likely diagnosis?"

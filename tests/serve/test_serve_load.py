@@ -12,6 +12,8 @@ import httpx
 import pytest
 from serve_utils import LiveServer, chat, server_env
 
+pytestmark = pytest.mark.slow  # 32 concurrent clients on a live server
+
 CLIENTS, PER_CLIENT, MAX_TOKENS = 32, 2, 12
 
 
