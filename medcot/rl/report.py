@@ -12,10 +12,8 @@ from medcot.generate.reasoning import split_reasoning
 from medcot.io import write_atomic, write_file_atomic
 from medcot.rl.rewards import EVAL_PROTOCOL
 from medcot.train.report import (
-    device_name,
     file_sha256,
-    git_commit,
-    package_versions,
+    provenance,
     train_eval_table,
 )
 from medcot.train.tracking import read_metrics
@@ -98,10 +96,7 @@ def write_grpo_report(run_dir: Path, cfg, result, *, items, checked, questions, 
     g = cfg.grpo
     manifest = {
         "stage": "grpo",
-        "versions": package_versions(),
-        "git_commit": git_commit(),
-        "device": device_name(model_info["device"]),
-        "model": model_info,
+        **provenance(model_info),
         "started_from": str(sft_stage / "adapter") if sft_stage else None,
         "items": {"source": items.source, "sha256": file_sha256(items.source), "task": items.task.name,
                   "train": len(checked.kept), "held_out": len(items.val), "dropped_as_overlapping": len(checked.dropped),

@@ -138,14 +138,17 @@ def files_section(run_dir: Path) -> list[str]:
     return lines + [""]
 
 
+def provenance(model_info: dict) -> dict:
+    """What every stage's manifest.json starts with: library versions, code commit, device and model."""
+    return {"versions": package_versions(), "git_commit": git_commit(), "device": device_name(model_info["device"]),
+            "model": model_info}
+
+
 def write_run_report(run_dir: Path, cfg, result, *, questions, references, lengths, val_lengths, data_source,
                      n_skipped, model_info, n_trainable, tracker_backend, world_size: int = 1) -> None:
     manifest = {
         "run": run_dir.name,
-        "versions": package_versions(),
-        "git_commit": git_commit(),
-        "device": device_name(model_info["device"]),
-        "model": model_info,
+        **provenance(model_info),
         "data": {"source": data_source, "sha256": file_sha256(data_source), "bad_rows_skipped": n_skipped,
                  "token_lengths": lengths.__dict__, "validation_token_lengths": val_lengths.__dict__},
         "trainable_parameters": n_trainable,
@@ -209,10 +212,7 @@ def write_pretrain_report(stage_dir: Path, cfg, result, *, source, stats, n_bloc
     p = cfg.pretrain
     manifest = {
         "stage": "pretrain",
-        "versions": package_versions(),
-        "git_commit": git_commit(),
-        "device": device_name(model_info["device"]),
-        "model": model_info,
+        **provenance(model_info),
         "corpus": {"source": source, "sha256": file_sha256(source), "documents": stats.documents,
                    "tokens": stats.tokens, "blocks": n_blocks, "block_size": p.block_size,
                    "dropped_tail_tokens": stats.dropped_tokens, "held_out_documents": n_val_docs,
