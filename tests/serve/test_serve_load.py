@@ -111,7 +111,9 @@ def _wait_idle(server: LiveServer, before: dict) -> dict:
 
 def test_client_disconnect_stops_generation(tiny_server):
     before = tiny_server.health()
-    body = chat("croup?", max_tokens=2000, ignore_eos=True, stream=True)
+    # 2,000 tokens with the server's thinking budget lifted: long enough to outlast the client on any machine
+    # (the default budget would end the request after ~640 tokens, about as fast as a client gives up).
+    body = chat("croup?", max_tokens=2000, max_thinking_tokens=1900, ignore_eos=True, stream=True)
     with httpx.stream("POST", f"{tiny_server.url}/v1/chat/completions", json=body, timeout=30) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
@@ -123,7 +125,7 @@ def test_client_disconnect_stops_generation(tiny_server):
 
     # A non-streaming client that gives up (read timeout) is noticed too.
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{tiny_server.url}/v1/chat/completions", json={**body, "stream": False}, timeout=1.0)
+        httpx.post(f"{tiny_server.url}/v1/chat/completions", json={**body, "stream": False}, timeout=0.5)
     final = _wait_idle(tiny_server, after)
     assert final["stats"]["completed"] == before["stats"]["completed"]
     log = tiny_server.log()
