@@ -127,11 +127,12 @@ def test_sigterm_drains(tiny_model_dir, tmp_path):
     finishes within serve.drain_timeout_s ends normally; one that does not ends with an error event and
     [DONE] (before, streams were cut: "incomplete chunked read"); then the process exits 0."""
     server = LiveServer([f"model.name_or_path={tiny_model_dir}", "model.device=cpu", "model.dtype=fp32",
-                         "serve.drain_timeout_s=3", "serve.thinking_budget=null"],
+                         "serve.drain_timeout_s=3", "serve.thinking_budget=null",
+                         "serve.max_tokens_limit=20000"],  # room for a request that outlasts the grace period
                         env=server_env(), log_path=tmp_path / "serve.log")
     try:
         long, short = {}, {}
-        threads = [threading.Thread(target=_stream, args=(server.url, chat("q", max_tokens=2000, ignore_eos=True),
+        threads = [threading.Thread(target=_stream, args=(server.url, chat("q", max_tokens=20000, ignore_eos=True),
                                                             long)),
                    threading.Thread(target=_stream, args=(server.url, chat("q", max_tokens=30, ignore_eos=True),
                                                             short))]
