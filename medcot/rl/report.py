@@ -9,11 +9,12 @@ from pathlib import Path
 
 from medcot.disclaimer import DISCLAIMER
 from medcot.generate.reasoning import split_reasoning
-from medcot.io import write_atomic, write_file_atomic
+from medcot.io import write_atomic
 from medcot.rl.rewards import EVAL_PROTOCOL
 from medcot.train.report import (
     file_sha256,
     provenance,
+    save_figure,
     train_eval_table,
 )
 from medcot.train.tracking import read_metrics
@@ -75,11 +76,7 @@ def plot_grpo(run_dir: Path) -> Path | None:
             ax.legend(fontsize=7)
     fig.suptitle(f"{run_dir.name}: GRPO")
     fig.tight_layout()
-    path = run_dir / "grpo.png"
-    with write_file_atomic(path) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
-    return path
+    return save_figure(fig, run_dir / "grpo.png")
 
 
 def _quote(text: str) -> str:

@@ -83,7 +83,13 @@ def plot_loss(run_dir: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = run_dir / "loss.png"
+    return save_figure(fig, run_dir / "loss.png")
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure atomically and free it (a plot is never seen half-written)."""
+    import matplotlib.pyplot as plt
+
     with write_file_atomic(path) as tmp:
         fig.savefig(tmp)
     plt.close(fig)
