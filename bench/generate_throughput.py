@@ -10,6 +10,10 @@ timed apart, cold in this process and, with --second-start, in a fresh process w
     # the GPU machine: the 8B architecture with RANDOM bf16 weights, built in memory (throughput only)
     python -m bench.generate_throughput --model random:llama-3.1-8b --tokenizer .bench/tokenizer \\
         --out $OUT/generate_throughput.json --profile --second-start
+    # the same engine on a QLoRA model (4-bit NF4 base + an unmerged LoRA r16) and on that LoRA merged into bf16
+    # (a saved model folder: bitsandbytes quantizes while loading; random LoRA weights, B non-zero)
+    python -m bench.generate_throughput --model /tmp/r1-8b-random --quant 4bit --lora 16 --numerics ...
+    python -m bench.generate_throughput --model /tmp/r1-8b-random --lora 16 --merge --numerics ...
     # a CPU smoke test of the script
     python -m bench.generate_throughput --model random:tiny --single-new 16 --concurrency 4 --new-tokens 16 \\
         --hf-single-new 8 --hf-batch 4 --hf-batch-new 8 --gb-concurrency 0 --sweep ""
@@ -34,9 +38,16 @@ TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_
             num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
 
 
-def build_model(name: str, tokenizer_dir: str | None, dtype: torch.dtype, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def build_model(name: str, tokenizer_dir: str | None, dtype: torch.dtype, device: torch.device, quant: str = "none"):
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
+    if tokenizer_dir is None and not name.startswith("random:"):
+        tokenizer_dir = name  # a model folder or hub id brings its tokenizer
     if tokenizer_dir is None:
         from medcot.embedded import embedded_model_dir
         tokenizer_dir = str(embedded_model_dir())
@@ -57,7 +68,28 @@ def build_model(name: str, tokenizer_dir: str | None, dtype: torch.dtype, device
         finally:
             torch.set_default_dtype(default)
         return model.eval(), tok
+    if quant == "4bit":  # as medcot loads model.quantization=4bit: NF4, double quantization, bf16 compute
+        from transformers import BitsAndBytesConfig
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, quantization_config=q,
+                                                    device_map={"": device.index or 0}).eval(), tok
     return AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval(), tok
+
+
+def add_lora(model, rank: int, merge: bool):
+    """A LoRA of rank `rank` on all 7 projections with random A and B (PEFT's init_lora_weights=False), so the
+    adapter changes every output; unmerged (the engine runs base + LoRA per layer) or merged into the weights."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, init_lora_weights=False,
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peft_model = get_peft_model(model, cfg)
+    for m in peft_model.modules():  # PEFT keeps adapters in fp32; medcot's inference loads them in the model dtype
+        if hasattr(m, "lora_A"):
+            m.to(model.dtype if not hasattr(model, "hf_quantizer") else torch.bfloat16)
+    return (peft_model.merge_and_unload() if merge else peft_model).eval()
 
 
 def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -246,6 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default="random:llama-3.1-8b")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the embedded model's)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--quant", default="none", choices=["none", "4bit"], help="4bit: NF4 base (a model folder)")
+    p.add_argument("--lora", type=int, default=0, help="add a random LoRA of this rank on all 7 projections")
+    p.add_argument("--merge", action="store_true", help="merge the --lora adapter into the base weights")
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--single-new", type=int, default=1024, help="engine, one stream")
     p.add_argument("--concurrency", type=int, default=256)
@@ -274,7 +309,9 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cpu" and a.dtype != "fp32":
         dtype = torch.float32
     t0 = time.perf_counter()
-    model, tok = build_model(a.model, a.tokenizer, dtype, device)
+    model, tok = build_model(a.model, a.tokenizer, dtype, device, a.quant)
+    if a.lora:
+        model = add_lora(model, a.lora, a.merge)
     build_s = time.perf_counter() - t0
     vocab = min(model.config.vocab_size, len(tok))
     n = max([a.concurrency, a.hf_batch, a.gb_concurrency] + [int(x) for x in a.sweep.split(",") if x])
@@ -291,8 +328,10 @@ def main(argv: list[str] | None = None) -> dict:
     params = sum(x.numel() for x in model.parameters())
     weight_bytes = sum(x.numel() * x.element_size() for x in model.parameters())
     report: dict = {
-        "date": time.strftime("%Y-%m-%d"), "model": a.model, "random_weights": a.model.startswith("random:"),
-        "parameters": params, "dtype": str(dtype).removeprefix("torch."),
+        "date": time.strftime("%Y-%m-%d"), "model": a.model, "random_weights": a.model.startswith("random:")
+        or "RANDOM" in str(getattr(model.config, "medcot_note", "")),
+        "parameters": params, "dtype": str(dtype).removeprefix("torch."), "quant": a.quant,
+        "lora": {"rank": a.lora, "merged": a.merge} if a.lora else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "prompt_len": a.prompt_len, "build_s": round(build_s, 1), "rows": [], "warmup": {}, "profile": [],
@@ -398,7 +437,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def print_table(report: dict) -> None:
-    print(f"\n{report['model']} ({'RANDOM weights, ' if report['random_weights'] else ''}{report['dtype']}) on "
+    lora = report.get("lora")
+    what = (f"{report['dtype']}" + (", 4-bit NF4 base" if report.get("quant") == "4bit" else "")
+            + (f", LoRA r{lora['rank']} {'merged' if lora['merged'] else 'unmerged'}" if lora else ""))
+    print(f"\n{report['model']} ({'RANDOM weights, ' if report['random_weights'] else ''}{what}) on "
           f"{report['device']}, torch {report['torch']}, transformers {report['transformers']}, "
           f"{report['prompt_len']}-token prompts, EOS off, {report['date']}")
     print(f"{'path':<36} {'conc':>5} {'new':>5} {'tokens':>8} {'wall s':>8} {'tok/s':>9} {'decode tok/s':>12} "

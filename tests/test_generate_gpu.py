@@ -137,3 +137,49 @@ def test_cuda_engine_lora_unmerged_fp32(tok):
     got, engine = _engine(model, tok, prompts, 24, batch_size=2)
     assert engine.runner._graphs
     assert got == ref
+
+
+def _lora(model, seed=5):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def test_cuda_engine_qlora_4bit_equals_hf_generate(tok, tmp_path):
+    """A QLoRA model as `medcot ask|eval --adapter` runs it: NF4 base (bitsandbytes, fp32 compute so ties cannot
+    flip) with an unmerged LoRA on all 7 projections; the engine's greedy tokens equal HF generate's."""
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install 'medcot[cuda]')")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    _model(tok, torch.float32, layers=2).save_pretrained(tmp_path)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, quantization_config=q,
+                                                device_map={"": 0})
+    assert type(base.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    model = _lora(base)
+    prompts = _prompts(tok, [20, 90, 300], seed=6)
+    ref = [_hf_greedy(model, p, 24) for p in prompts]
+    got, engine = _engine(model, tok, prompts, 24, batch_size=2)
+    assert engine.runner._graphs
+    assert got == ref
+
+
+def test_cuda_engine_merged_lora_equals_hf_generate(tok):
+    """The adapter merged into the base (what `medcot export` writes and eval may run): the engine equals HF
+    generate on the merged model, and the merged model's tokens equal the unmerged one's."""
+    model = _lora(_model(tok, torch.float32, layers=2))
+    prompts = _prompts(tok, [20, 90], seed=7)
+    unmerged = [_hf_greedy(model, p, 24) for p in prompts]
+    merged = model.merge_and_unload().eval()
+    ref = [_hf_greedy(merged, p, 24) for p in prompts]
+    got, _ = _engine(merged, tok, prompts, 24, batch_size=2)
+    assert got == ref
+    assert ref == unmerged
