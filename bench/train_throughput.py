@@ -16,7 +16,8 @@ recipe's 8), LoRA r=16 alpha=16 on all 7 projections, 8-bit AdamW, lr 2e-4, max_
                  up to train.micro_batch_tokens, varlen attention, Liger kernels, recompute on all layers).
                  Variants by suffix: -offload (train.offload_activations), -mbtN (micro_batch_tokens=N),
                  -ckrX (checkpoint_ratio=X), -nockpt (no recompute: the fastest, most memory), -plain
-                 (fast path off)
+                 (fast path off), -nofuse (PEFT's own LoRA forward), -budgetN (train.memory_budget_gib=N: the first step recomputes every layer
+                 and measures, the rest recompute only as many layers as N GiB needs; medcot-budget40)
 
 medcot is compared with the FASTEST Unsloth split in the same invocation (vs U-best) and, separately,
 with the Unsloth split that used the least peak memory (vs U-lowmem). Each stack runs in its own
@@ -212,9 +213,12 @@ def run_medcot(args, tok, rows):
         skip_optimizer_syncs,
         use_packed_attention,
     )
+    from medcot.train.lora_fused import fuse_lora
+    from medcot.train.memory import GiB, MemoryBudget
     from medcot.train.trainer import train_step
 
     fast = "-plain" not in args.stack
+    budget = float(m.group(1)) if (m := re.search(r"-budget([\d.]+)", args.stack)) else None
     offload = "-offload" in args.stack
     if m := re.search(r"-mbt(\d+)", args.stack):
         args.micro_batch_tokens = int(m.group(1))
@@ -225,11 +229,15 @@ def run_medcot(args, tok, rows):
     model, _, _ = load_base(margs)
     device = next(model.parameters()).device
     kernels = apply_fused_kernels(model, device) if fast else []
-    ckpt = not ((fast and args.no_checkpointing) or "-nockpt" in args.stack)
+    ckpt = budget is not None or not ((fast and args.no_checkpointing) or "-nockpt" in args.stack)
     if fast:
         use_packed_attention(model)  # the same rule as medcot/train/trainer.py
     model = attach_lora(model, LoraArgs(r=16, alpha=16, dropout=0.0, target_modules=TARGETS), gradient_checkpointing=ckpt)
-    n_ckpt = limit_checkpointing(model, args.checkpoint_ratio) if ckpt and fast else (None if ckpt else 0)
+    if fast and "-nofuse" not in args.stack:
+        print(f"[{args.stack}] LoRA fused into the base matmul in {fuse_lora(model)} layers", flush=True)
+    # as medcot/train/trainer.py: with a budget, every layer recomputes until the first step is measured
+    memory = MemoryBudget(model, budget, on_log=lambda s: print(f"[{args.stack}] {s}", flush=True)) if budget else None
+    n_ckpt = limit_checkpointing(model, args.checkpoint_ratio) if ckpt and fast and not memory else (None if ckpt else 0)
     if offload:
         offload_checkpointing(model)
     per_step = args.rows_per_step
@@ -246,6 +254,8 @@ def run_medcot(args, tok, rows):
     # training mode (from_pretrained returns the model in eval mode; without this no layer recomputes).
     model.train()
     _reset_mem()
+    if memory:
+        memory.start([rows[s * per_step : (s + 1) * per_step] for s in range(len(rows) // per_step)], t, fast)
     prof = _profiler(args, model)
     times, tokens, losses, profile = [], [], [], None
     for s in range(args.steps + (1 if prof else 0)):
@@ -259,6 +269,8 @@ def run_medcot(args, tok, rows):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if memory:
+            memory.after_step(step_rows)
         _sync()
         dt = time.perf_counter() - t0
         if profiling:
@@ -271,6 +283,9 @@ def run_medcot(args, tok, rows):
         print(f"[{args.stack}] step {s + 1}: {times[-1]:.3f}s {tokens[-1]} tokens loss {loss:.4f}", flush=True)
     extra = {"kernels": kernels, "packing": fast, "checkpointed_layers": n_ckpt, "micro_batch_tokens": args.micro_batch_tokens,
              "offload_activations": offload, "profile": profile}
+    if memory:  # it resets CUDA's peak counters every step and keeps the maxima
+        extra.update(checkpointed_layers=memory.plan.recompute, offload_activations=memory.plan.offload,
+                     memory_budget={**memory.summary(), "peak_reserved_gib": round(memory.memory.max_reserved / GiB, 3)})
     return times, tokens, losses, fixed_loss, sum(p.numel() for p in model.parameters()), extra
 
 
@@ -395,6 +410,9 @@ def worker(args) -> None:
     measured = slice(args.warmup, None)
     tok_s = sum(tokens[measured]) / sum(times[measured])
     peak_alloc, peak_reserved = _mem()
+    if "memory_budget" in extra:  # the budget reset the peak counters every step; it kept the maxima
+        peak_alloc = max(peak_alloc, extra["memory_budget"]["peak_gib"])
+        peak_reserved = max(peak_reserved, extra["memory_budget"]["peak_reserved_gib"])
     import torch
 
     n_params_full = 8.03e9 if n_params < 7e9 and args.quant == "4bit" else n_params  # 4-bit packs 2 weights/byte

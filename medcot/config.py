@@ -170,9 +170,19 @@ class TrainArgs:
         "GPU (the low-memory setting; costs a host round trip per layer, mostly overlapped).",
         False,
     )
+    memory_budget_gib: float | None = _help(
+        "GiB of GPU memory a training step may use (null: gradient_checkpointing, checkpoint_ratio and "
+        "offload_activations apply as set). When set on CUDA, medcot chooses those three itself: the first step "
+        "recomputes every layer, inputs in host memory, and measures; later steps recompute the fewest layers "
+        "predicted to fit the run's largest micro-batch in the budget less 5% (none if all fit), offloading "
+        "only when recompute alone cannot fit; a step over budget raises the recompute. On CPU it is ignored. "
+        "GRPO recomputes every layer when it is set.",
+        None,
+    )
     fast_path: Literal["auto", "on", "off"] = _help(
         "Padding-free packing + fused Liger kernels (RMSNorm, RoPE, SwiGLU, linear+cross-entropy without "
-        "materialised logits). 'auto': on for CUDA. Same rows per step and same loss normalisation as 'off'.",
+        "materialised logits) + LoRA computed inside the base matmul. 'auto': on for CUDA. Same rows per step and "
+        "same loss normalisation as 'off'.",
         "auto",
     )
     micro_batch_tokens: int = _help(
@@ -562,6 +572,9 @@ def _validate(cfg: Config, errors: list[str]) -> None:
     _validate_world(cfg.train, errors)
     if not 0 <= cfg.train.checkpoint_ratio <= 1:
         errors.append(f"train.checkpoint_ratio: must be in [0, 1], got {cfg.train.checkpoint_ratio}")
+    budget = cfg.train.memory_budget_gib
+    if budget is not None and not 0 < budget < float("inf"):
+        errors.append(f"train.memory_budget_gib: must be > 0 (GiB of GPU memory) or null, got {budget}")
     if not 0 <= cfg.lora.dropout < 1:
         errors.append(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
     if not 0 < cfg.generate.top_p <= 1:

@@ -9,6 +9,8 @@
 3. Selective activation checkpointing (train.checkpoint_ratio): recompute only as many layers as
    memory requires; with train.offload_activations the recomputed layers' inputs wait in host memory.
 4. `skip_optimizer_syncs`: no device sync after every tensor in bitsandbytes' 8-bit optimizer step.
+5. LoRA fused with the base matmul (`lora_fused.fuse_lora`): x Wᵀ + s·(x Aᵀ)Bᵀ as one autograd function
+   per projection, without PEFT's casts, clone and separate add.
 
 Numerics are the same as the plain path within bf16 tolerance (tests/test_fast.py): the same rows
 per step, the loss normalised by the same count of response tokens.

@@ -52,6 +52,8 @@ from medcot.train.fast import (
     skip_optimizer_syncs,
     use_packed_attention,
 )
+from medcot.train.lora_fused import fuse_lora
+from medcot.train.memory import GiB, MemoryBudget
 from medcot.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ class TrainResult:
     wall_s: float = 0.0
     tokens_per_s: float = 0.0
     peak_mem_gib: float = 0.0
+    recompute: dict = field(default_factory=dict)  # layers that recomputed / offloaded; the memory budget, if any
 
 
 @dataclass
@@ -94,6 +97,8 @@ class Trainer:
     started: float  # time.time() when this session began the stage (data and model loading included)
     n_trainable: int = 0
     tracker_backend: str = "none"
+    memory: MemoryBudget | None = None  # train.memory_budget_gib on CUDA: it sets the recompute each step
+    recompute: dict = field(default_factory=dict)
     _tracker: Tracker | None = None
     _clock: float = 0.0  # `started`, moved back by the time earlier sessions spent up to the checkpoint resumed
 
@@ -106,19 +111,32 @@ class Trainer:
         kernels = apply_fused_kernels(model, device) if packing else []
         if packing:
             use_packed_attention(model)  # attention row by row (varlen): no work across packed rows
-        model = attach_lora(model, cfg.lora, t.gradient_checkpointing, **(lora_extra or {}))
-        n_ckpt = limit_checkpointing(model, t.checkpoint_ratio) if t.gradient_checkpointing else 0
-        n_off = offload_checkpointing(model) if n_ckpt and t.offload_activations else 0
+        budget = t.memory_budget_gib if device.type == "cuda" else None
+        if t.memory_budget_gib is not None and budget is None:
+            on_log(f"train.memory_budget_gib is a budget of CUDA memory: ignored on {device.type}")
+        model = attach_lora(model, cfg.lora, t.gradient_checkpointing or budget is not None, **(lora_extra or {}))
+        if packing:  # x Wᵀ + s·(x Aᵀ)Bᵀ as one autograd function per projection, without PEFT's casts and clone
+            on_log(f"fast path: LoRA fused into the base matmul in {fuse_lora(model)} linear layers")
+        memory = None
+        if budget is not None:  # every layer recomputes until the fit's first step is measured (train/memory.py)
+            memory = MemoryBudget(model, budget, world, on_log)
+            n_ckpt, n_off = memory.plan.recompute, 0
+        else:
+            n_ckpt = limit_checkpointing(model, t.checkpoint_ratio) if t.gradient_checkpointing else 0
+            n_off = offload_checkpointing(model) if n_ckpt and t.offload_activations else 0
         on_log(f"fast path: {'on' if packing else 'off'} (packing {'on' if packing else 'off'}, "
                f"kernels: {', '.join(kernels) or 'none'}); activation recompute in {n_ckpt} layers"
-               + (f", their inputs kept in host memory in {n_off}" if n_off else ""))
+               + (f", their inputs kept in host memory in {n_off}" if n_off else "")
+               + (" until train.memory_budget_gib chooses" if memory else ""))
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_total = sum(p.numel() for p in model.parameters())
         on_log(f"model: {device}, trainable {n_trainable:,} of {n_total:,} parameters")
         engine = distributed.wrap(model, world)
         dtype = str(next(p for p in model.parameters() if not p.requires_grad).dtype).removeprefix("torch.")
         return cls(model=model, engine=engine, cfg=cfg, world=world, run_root=run_root, device=device, packing=packing,
-                   autocast=autocast_for(device, dtype), on_log=on_log, started=started, n_trainable=n_trainable)
+                   autocast=autocast_for(device, dtype), on_log=on_log, started=started, n_trainable=n_trainable,
+                   memory=memory, recompute={"layers": len(model.get_decoder().layers), "recompute_layers": n_ckpt,
+                                             "offload_layers": n_off})
 
     def fit(self, rows: list[Encoded], stage_dir: Path, max_steps: int, lr: float, pad_id: int,
             before: Callable[[], dict]) -> FitState:
@@ -155,6 +173,9 @@ class Trainer:
         rows_per_step = distributed.rows_per_step(t, world)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        if self.memory is not None:  # the rows of every step to come: the largest micro-batch must fit too
+            self.memory.start(([rows[i] for i in rows_for_step(len(rows), s, rows_per_step, t.seed)]
+                               for s in range(state.step, max_steps)), t, self.packing)
         self.engine.train()
         pbar = tqdm(total=max_steps, initial=state.step, desc=stage_dir.name, unit="step", disable=None if world.main else True)
         with stop.installed(), pbar:
@@ -176,6 +197,8 @@ class Trainer:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                # This step's peak sets the recompute of the next ones (train.memory_budget_gib).
+                recompute = self.memory.after_step(step_rows) if self.memory is not None else {}
                 state.step = step + 1
                 dt = time.perf_counter() - t0
                 state.fit_time += dt
@@ -186,7 +209,7 @@ class Trainer:
                 if state.step % t.logging_steps == 0 or state.step == max_steps:
                     metrics = {"loss": step_loss, "lr": lr_now, "grad_norm": grad_norm, "tokens_per_s": n_tokens / dt,
                                "step_time_s": dt, "epoch": state.step * rows_per_step / len(rows),
-                               "mem_gib": peak_mem_gib(self.device)}
+                               "mem_gib": self.peak_gib(), **recompute}
                     if self._tracker is not None:
                         self._tracker.log(metrics, step=state.step)
                     on_log(f"step {state.step}/{max_steps} | loss {step_loss:.4f} | lr {lr_now:.2e} | "
@@ -210,6 +233,11 @@ class Trainer:
         checkpoint it resumed from (work they did after it was redone here, so it is not counted twice)."""
         return time.time() - self._clock
 
+    def peak_gib(self) -> float:
+        """Peak memory since the loop began (the memory budget resets CUDA's counter every step; it keeps the
+        maximum)."""
+        return max(peak_mem_gib(self.device), self.memory.peak / GiB if self.memory is not None else 0.0)
+
     def save_adapter(self, tokenizer, run_dir: Path) -> None:
         """Adapter in PEFT format + tokenizer, written to a temporary folder and renamed (rank 0)."""
         weights = distributed.trainable_state(self.engine)  # collective: every rank takes part
@@ -228,7 +256,8 @@ class Trainer:
             val_loss_after=val_loss_after,
             wall_s=self.elapsed(),
             tokens_per_s=state.tokens_seen / state.fit_time if state.fit_time else 0.0,
-            peak_mem_gib=peak_mem_gib(self.device),
+            peak_mem_gib=self.peak_gib(),
+            recompute=self.memory.summary() if self.memory is not None else self.recompute,
             **extra,
         )
         if self._tracker is not None:
