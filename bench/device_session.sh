@@ -6,6 +6,7 @@
 #                         dill, multiprocess, cut-cross-entropy, liger-kernel 0.8.5, platformdirs, gguf);
 #                         built as docs/benchmarks.md "How they were run" says
 #   .whl2/data/           ../shared/data/train/normalized/medical_o1_style_train.jsonl (the 205 shared rows)
+#                         and ../shared/data/dev_pools/normalized/medqa_usmle_4opt_dev.jsonl (stage grpo)
 #   .whl2/tokenizer/      the embedded SmolLM2 tokenizer files (the random model's tokenizer)
 #   bash bench/device_session.sh "model fair4 fair16"      (stages, in order; BUDGET=seconds for all of them)
 # The 8B model has RANDOM weights (bench/make_random_model.py): throughput and memory only, never quality.
@@ -21,10 +22,11 @@ COLS="--question-column question --reasoning-column reasoning --answer-column an
 DAY=$(date +%F); GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | awk '{print tolower($2)}')
 TAG=${DAY}_${GPU:-gpu}
 left() { echo $(( BUDGET - SECONDS )); }
-run() { local name=$1; shift; echo "=== $name (at ${SECONDS}s, $(left)s left)"; "$@" > "$LOGS/$name.log" 2>&1; local rc=$?
+run() { local name=$1; shift; echo "=== $name (at ${SECONDS}s, $(left)s left)"; local t=$(left); [ $t -lt 20 ] && { echo "$name skipped: time budget"; return 0; }
+        timeout -k 5 $t "$@" > "$LOGS/$name.log" 2>&1; local rc=$?
         echo "$name rc=$rc (at ${SECONDS}s)"
         grep -E "^(RESULT|step [0-9]+/|Run folder|Validation|Wall|Peak|tokens:|fast path|===)|Error|error" "$LOGS/$name.log" | cut -c1-300 | tail -12
-        [ $rc -ne 0 ] && tail -20 "$LOGS/$name.log"; return 0; }
+        if [ $rc -ne 0 ]; then tail -20 "$LOGS/$name.log"; else tail -${TAIL:-6} "$LOGS/$name.log" | cut -c1-240; fi; return 0; }
 # the fair comparison (issue 15): every Unsloth split of the 8-row step, medcot, plain TRL; U-best and medcot first
 bench() {  # name quant stacks profile-stacks budget
   run "$1" python3 -m bench.train_throughput --model $MODEL --data $DATA $COLS --quant "$2" --stacks "$3" \
@@ -56,6 +58,27 @@ for stage in ${1:-model fair4}; do case $stage in
          for f in manifest.json metrics.jsonl; do cp /tmp/medcot_runs/pretrain-8b-random/pretrain/$f "$OUT/${TAG}_pretrain_4bit_$f"; done ;;
   evalbench) run evalbench python3 -m bench.eval_throughput --model $MODEL --dtype bf16 --source embedded \
            --num-prompts 16 --max-new-tokens 64 --batch-sizes 1,16 --fixed-length --out "$OUT/${TAG}_eval_throughput_bf16.json" ;;
+  e2e) run eval_e2e python3 -m bench.eval_end_to_end --model $MODEL --source .whl2/data/eval --benchmarks medqa,medmcqa \
+           --limit 512 --thinking-budget 1024 --batch-size 256 --override model.dtype=bf16 \
+           --out "$OUT/${TAG}_eval_end_to_end_bf16.json" ;;
+  serve) run serve_load python3 -m bench.serve_load --model $MODEL --device cuda --dtype bf16 --concurrency ${CLIENTS:-32} \
+           --requests 96 --max-tokens 512 --no-offline --server-log "$LOGS/serve_server.log" \
+           --out "$OUT/${TAG}_serve_load_bf16.json" ;;
+  gen4bit) run gen4bit python3 -m bench.generate_throughput --model $MODEL --quant 4bit --lora 16 --single-new 512 \
+           --concurrency 256 --new-tokens 256 --sweep "" --hf-single-new 32 --hf-batch 0 --gb-concurrency 0 --numerics \
+           --budget-s 200 --out "$OUT/${TAG}_generate_qlora_4bit.json" ;;
+  genmerged) run genmerged python3 -m bench.generate_throughput --model $MODEL --lora 16 --merge --single-new 512 \
+           --concurrency 256 --new-tokens 256 --sweep "" --hf-single-new 0 --hf-batch 0 --gb-concurrency 0 --numerics \
+           --budget-s 150 --out "$OUT/${TAG}_generate_lora_merged_bf16.json" ;;
+  gputests) run gputests python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS:-tests/test_generate_gpu.py} ;;
+  # GRPO (issue 18): medcot's stage vs TRL's GRPOTrainer (HF generate), 4 prompts x k=8 x 512 tokens; bf16 if time is left.
+  # GRPO_BUDGET (default 360 s) bounds the stage; each stack gets at most GRPO_STACK_S and stops after the step past
+  # which the next would not fit, keeping what it measured.
+  grpo) GB=$(left); [ $GB -gt ${GRPO_BUDGET:-360} ] && GB=${GRPO_BUDGET:-360}; G0=$SECONDS
+        for q in 4bit none; do GL=$(( GB - (SECONDS - G0) )); [ $GL -lt 150 ] && { echo "grpo $q skipped: ${GL}s left"; continue; }
+          run grpo_$q python3 -m bench.grpo_throughput --model $MODEL --items .whl2/data/medqa_usmle_4opt_dev.jsonl \
+              --quant $q --stacks medcot,trl --steps ${GRPO_STEPS:-3} --warmup 1 --budget $GL --timeout ${GRPO_STACK_S:-240} \
+              --min-stack-s 75 --log-dir "$LOGS/grpo_$q" --out "$OUT/${TAG}_grpo_${q/none/bf16}.json"; done ;;
   doctor) python3 -m medcot doctor --config configs/r1-distill-llama-8b.yaml > "$OUT/${TAG}_doctor.txt" 2>&1; cat "$OUT/${TAG}_doctor.txt" ;;
 esac; done
 # Per-stage and per-stack logs travel back as one archive (the device returns at most 8 files).

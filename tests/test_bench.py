@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
+from bench import grpo_throughput as grpo_bench
 from bench.profile_summary import StepProfiler, format_summary, load_trace, summarize
 from bench.train_throughput import batch_split, compare, expand_stacks
 
@@ -115,3 +117,97 @@ def test_bench_is_a_package_without_path_hacks_and_its_readme_lists_every_script
         assert "sys.path" not in f.read_text(), f"{f.name} edits sys.path"
         if f.name != "__init__.py":
             assert re.search(rf"`bench\.{f.stem}`|bench/{f.name}", readme), f"bench/README.md misses {f.name}"
+
+
+# -- bench.grpo_throughput: medcot's GRPO stage against TRL's GRPOTrainer ---------------------------------
+
+
+def _step(step, step_s, rollout_s, tokens=64, mem=1.0):
+    return {"step": step, "step_s": step_s, "rollout_s": rollout_s, "update_s": step_s - rollout_s,
+            "generated_tokens": tokens, "trained_tokens": tokens + 3, "mem_gib": mem}
+
+
+def test_grpo_bench_reward_is_one_function_of_prompt_completion_and_step():
+    r = grpo_bench.bench_reward
+    assert r(3, 1, 0) == r(3, 1, 0) and 0 <= r(3, 1, 0) < 1
+    assert len({r(p, c, s) for p in range(4) for c in range(8) for s in range(3)}) == 96  # every group has a signal
+
+
+def test_grpo_bench_medians_leave_out_the_warmup_and_the_ratio_is_trl_over_medcot():
+    medcot = grpo_bench.finalize("medcot", [_step(1, 50.0, 40.0), _step(2, 4.0, 3.0), _step(3, 6.0, 4.0, mem=9.5)], 1)
+    assert medcot["timed_steps"] == 2 and medcot["step_time_median_s"] == 5.0 and medcot["update_median_s"] == 1.5
+    assert medcot["rollout_tokens_per_s"] == round(128 / 7, 1) and medcot["peak_mem_gib"] == 9.5
+    trl = grpo_bench.finalize("trl", [_step(1, 90.0, 80.0), _step(2, 30.0, 25.0, mem=19.0), _step(3, 40.0, 30.0)], 1)
+    medcot.update(quant="4bit", prompt_digests=["a", "b", "c"])
+    trl.update(quant="4bit", prompt_digests=["a", "b"])  # stopped a step earlier: the steps both ran agree
+    summary = grpo_bench.compare([medcot, trl])
+    assert summary["medcot_vs_trl_step"] == medcot["vs_trl"] == 7.0 and trl["vs_trl"] == 1.0
+    assert summary["medcot_vs_trl_mem"] == 0.5 and summary["same_prompts"] and summary["same_generated_tokens"]
+    trl["prompt_digests"] = ["a", "x"]
+    assert grpo_bench.compare([medcot, trl])["same_prompts"] is False
+    assert "7.00x" in grpo_bench.table([medcot, trl])
+    assert grpo_bench.finalize("trl", [_step(1, 90.0, 80.0)], 1)["error"].startswith("no timed steps")
+
+
+def test_grpo_bench_keeps_the_steps_of_a_stack_stopped_by_its_timeout():
+    out = "noise\n" + "\n".join("STEP " + json.dumps(_step(i, 10.0 + i, 8.0)) for i in (1, 2, 3))
+    res = grpo_bench.collect("trl", "4bit", out, 1, "timed out after 300s")
+    assert res["partial"] and res["timed_steps"] == 2 and res["step_time_median_s"] == 12.5
+    assert res["error"].startswith("timed out") and len(res["steps"]) == 3
+
+
+def test_grpo_bench_stops_a_stack_when_the_next_step_would_not_fit_but_never_before_a_timed_step():
+    import time
+
+    tight = grpo_bench._Deadline(time.time() + 10, min_steps=2)  # --warmup 1: one step to warm up, one timed
+    assert tight.another_fits(100.0) and not tight.another_fits(100.0)
+    roomy = grpo_bench._Deadline(time.time() + 100, min_steps=1)
+    assert roomy.another_fits(60.0) and roomy.another_fits(5.0)  # the last step is the estimate, not the first
+
+
+@pytest.fixture(scope="session")
+def tiny_bench_model(tmp_path_factory, embedded_dir) -> Path:
+    """bench.make_random_model --tiny: 2 layers, hidden 64, 64 vocabulary rows past the embedded tokenizer."""
+    from bench.make_random_model import main as make_model
+
+    out = tmp_path_factory.mktemp("tiny-bench-model")
+    make_model([str(out), "--tiny", "--tokenizer", str(embedded_dir)])
+    return out
+
+
+@pytest.mark.slow
+def test_grpo_bench_runs_medcot_and_trl_on_the_same_prompts_and_tokens(tmp_path, tiny_bench_model, shared_data,
+                                                                      monkeypatch):
+    pytest.importorskip("trl", reason="the TRL baseline needs the bench extra (pip install -e '.[bench]'; CI's newest "
+                        "environment has it, the lowest-versions one cannot: trl needs datasets>=4.7)")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "grpo.json"
+    p, k, c, steps = 2, 4, 8, 3
+    ret = grpo_bench.main(["--model", str(tiny_bench_model), "--quant", "none", "--device", "cpu",
+                           "--items", str(shared_data / "dev_pools" / "normalized" / "medqa_usmle_4opt_dev.jsonl"),
+                           "--prompts-per-step", str(p), "--k", str(k), "--completion-tokens", str(c),
+                           "--micro-batch", "4", "--steps", str(steps), "--warmup", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["summary"] == ret["summary"]
+    for key in ("date", "device", "versions", "command", "shape", "same_settings", "weights"):
+        assert saved[key], key
+    assert saved["device"] == "cpu" and "trl" in saved["versions"]
+    medcot, trl = saved["results"]
+    for r in (medcot, trl):
+        assert "error" not in r, r.get("error")
+        assert r["timed_steps"] == steps - 1 and not r["partial"]
+        # Every completion is exactly c tokens in both (EOS blocked), and the 64 rows no token decodes to are blocked
+        assert r["generated_tokens_per_step"] == [p * k * c] * steps
+        assert r["restricted_vocab_rows"] == 64
+        for key in ("step_time_median_s", "rollout_median_s", "update_median_s", "rollout_tokens_per_s", "peak_mem_gib"):
+            assert r[key] > 0, (r["stack"], key)
+    # medcot trains on its completions re-tokenized; TRL on the sampled ids
+    assert trl["trained_tokens_per_step"] == trl["generated_tokens_per_step"]
+    assert all(t > 0 for t in medcot["trained_tokens_per_step"])
+    assert medcot["prompt_digests"] == trl["prompt_digests"] and len(set(trl["prompt_digests"])) == steps
+    assert saved["summary"]["same_prompts"]
+    assert saved["summary"]["same_generated_tokens"]
+    ratio = round(trl["step_time_median_s"] / medcot["step_time_median_s"], 3)
+    assert saved["summary"]["medcot_vs_trl_step"] == medcot["vs_trl"] == ratio and trl["vs_trl"] == 1.0
+    assert trl["settings"]["generation_batch_size"] == p * k and trl["settings"]["steps_per_generation"] == k * p // 4
+    assert not trl["settings"]["use_vllm"] and trl["settings"]["gradient_checkpointing"]
