@@ -276,7 +276,7 @@ def run_medcot(args) -> dict:
     G.load_base = load_base
 
     # No EOS: every completion is max_new_tokens long (the engine's own ignore_eos), in both generation paths
-    # (one pass: batch.generate; with a thinking budget: budget.generate_answers).
+    # (budget.generate_answers builds both the one-pass and the thinking-budget requests with sampling_params).
     real_params = batch.sampling_params
 
     def no_eos_params(gen, index=0, **extra):

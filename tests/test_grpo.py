@@ -31,7 +31,7 @@ from medcot.rl.algorithm import (
     token_loss,
 )
 from medcot.rl.items import check_contamination, load_items
-from medcot.rl.rollout import Rollout, collate, completion_logprobs, completion_tokens
+from medcot.rl.rollout import Rollout, collate, completion_logprobs
 
 REPO = Path(__file__).resolve().parents[1]
 MEDQA = TASKS["medqa"]
@@ -181,22 +181,6 @@ def test_token_logprobs_use_the_sampling_temperature():
 
 
 # -- completions, batches, the reference ----------------------------------------------------------
-
-
-def test_completion_tokens_mask_the_forced_tag_and_train_the_eos_of_a_stop(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    forced = tok(FORCE_CLOSE, add_special_tokens=False)["input_ids"]
-    ids, mask = completion_tokens(tok, Answer("It is C" + FORCE_CLOSE + "The answer is C.", 20, False, True), 64)
-    assert len(ids) == len(mask) and mask.count(0) == len(forced)
-    start = mask.index(0)
-    assert ids[start : start + len(forced)] == forced and tok.eos_token_id not in ids  # forced: end unknown
-    closed = "It is C\n</think>\nThe answer is C."
-    ids, mask = completion_tokens(tok, Answer(closed, 12, True, False), 64)
-    assert ids[-1] == tok.eos_token_id and all(mask) and tok.decode(ids[:-1]) == closed  # stopped by itself
-    ids, _ = completion_tokens(tok, Answer(closed, 64, True, False), 64)
-    assert tok.eos_token_id not in ids  # it ran into the limit: no stop to train
 
 
 def _rollout(prompt: list[int], completion: list[int], advantage: float = 0.0) -> Rollout:

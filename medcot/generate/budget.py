@@ -7,15 +7,10 @@ answers and the server all use this one implementation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from medcot.config import GenerateArgs
-from medcot.generate.batch import (
-    completion_text,
-    generate,
-    run_requests,
-    sampling_params,
-)
+from medcot.generate.batch import completion_text, run_requests, sampling_params
 from medcot.generate.reasoning import FORCE_CLOSE, THINK_CLOSE
 
 __all__ = ["FORCE_CLOSE", "Answer", "generate_answers"]
@@ -31,6 +26,9 @@ class Answer:
     num_tokens: int  # generated tokens (the forced tag is not counted: the model did not write it)
     closed: bool  # the model wrote </think> itself
     forced: bool  # the budget ran out and "</think>" was appended before the answer was generated
+    token_ids: tuple[int, ...] = ()  # the sampled ids, EOS and the forced tag's ids excluded
+    forced_at: int | None = None  # where among token_ids the forced tag's ids were fed
+    stopped: bool = False  # ended on EOS (or a stop string), not on a token limit
 
 
 def generate_answers(model, tokenizer, prompts: list[list[int]], gen: GenerateArgs, batch_size: int,
@@ -44,12 +42,13 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], gen: GenerateAr
     answer_tokens` tokens in all. The continuation is the same token stream (no re-tokenization).
     """
     if thinking_budget is None:
-        outs = generate(model, tokenizer, prompts, replace(gen, batch_size=batch_size))
-        return [Answer(o.text, o.num_tokens, THINK_CLOSE in o.text, False) for o in outs]
-    params = [sampling_params(gen, i, max_tokens=thinking_budget + answer_tokens, thinking_budget=thinking_budget,
-                              answer_tokens=answer_tokens) for i in range(len(prompts))]
+        params = [sampling_params(gen, i) for i in range(len(prompts))]
+    else:
+        params = [sampling_params(gen, i, max_tokens=thinking_budget + answer_tokens, thinking_budget=thinking_budget,
+                                  answer_tokens=answer_tokens) for i in range(len(prompts))]
     answers = []
     for r in run_requests(model, tokenizer, prompts, params, batch_size):
         text, forced = completion_text(tokenizer, r), r.result.forced_close
-        answers.append(Answer(text, r.result.completion_tokens, not forced and THINK_CLOSE in text, forced))
+        answers.append(Answer(text, r.result.completion_tokens, not forced and THINK_CLOSE in text, forced,
+                              tuple(r.token_ids), r.forced_at, r.result.finish_reason == "stop"))
     return answers

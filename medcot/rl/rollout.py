@@ -6,13 +6,10 @@ Prompts are eval's (the `medcot` protocol's `prompt`), and completions come from
 `grpo.thinking_budget` tokens, then `</think>` forced where the model had not closed it, then the answer.
 So a training completion is what eval would have scored, and it is scored by eval's verdict (rl/rewards.py).
 
-`generate_answers` returns text, not token ids, so a completion is tokenized again to train on it: the
-reasoning, the forced "\\n</think>\\n" and the answer each on their own, as the engine feeds them. Where a
-token boundary merges differently the ids can differ from the sampled ones; the policy, the sampling-time
-log-probabilities and the reference are all computed on these same ids, so ratio and KL stay consistent.
-The forced tag is masked out of the loss: the model did not choose it. EOS is trained on where the text
-shows the completion stopped by itself: unforced and shorter than its limit (for a forced completion the
-text cannot tell EOS from the answer's token limit, so its end is left untrained).
+The update trains on the ids the engine sampled (`Answer.token_ids`), not on the text tokenized again (which
+can merge token boundaries differently and so score tokens nobody sampled), with the forced "\\n</think>\\n"
+ids where the engine fed them, masked out of the loss (the model did not choose them), and EOS where the
+completion stopped by itself.
 """
 
 from __future__ import annotations
@@ -21,6 +18,7 @@ import contextlib
 from dataclasses import dataclass, replace
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from medcot.config import GenerateArgs, GrpoArgs
 from medcot.eval.tasks import Item, Task
@@ -46,20 +44,22 @@ def completion_limit(g: GrpoArgs, gen: GenerateArgs) -> int:
     return g.thinking_budget + g.answer_tokens if g.thinking_budget is not None else gen.max_new_tokens
 
 
-def completion_tokens(tokenizer, answer: Answer, limit: int) -> tuple[list[int], list[int]]:
-    """The ids a completion is trained on, and which of them the policy chose (the forced tag: 0)."""
-    def enc(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+def completion_tokens(tokenizer, answer: Answer) -> tuple[list[int], list[int]]:
+    """The ids a completion is trained on, and which of them the policy chose (the forced tag: 0).
 
-    if answer.forced:  # the model never wrote </think> itself, so the first FORCE_CLOSE is the forced one
-        reasoning, rest = answer.text.split(FORCE_CLOSE, 1)
-        parts = [(enc(reasoning), 1), (enc(FORCE_CLOSE), 0), (enc(rest), 1)]
-    else:
-        parts = [(enc(answer.text), 1)]
-    # Unforced generation stops at EOS or at the limit: fewer tokens than the limit means it chose to stop.
-    if not answer.forced and answer.num_tokens < limit:
+    Exactly the ids the engine sampled, with the forced "\\n</think>\\n" ids where the engine fed them and EOS
+    where the completion stopped by itself, so the update scores the very tokens that were sampled.
+    """
+    ids, at = list(answer.token_ids), answer.forced_at
+    parts = [(ids, 1)] if at is None else [(ids[:at], 1), (_force_ids(tokenizer), 0), (ids[at:], 1)]
+    if answer.stopped:  # it chose to stop (EOS); a completion cut by its token limit has no end to train on
         parts.append(([tokenizer.eos_token_id], 1))
-    return [i for ids, _ in parts for i in ids], [m for ids, m in parts for _ in ids]
+    return [i for part, _ in parts for i in part], [m for part, m in parts for _ in part]
+
+
+def _force_ids(tokenizer) -> list[int]:
+    # The ids the engine feeds for the forced close (medcot/generate/engine.py tokenizes FORCE_CLOSE the same way).
+    return tokenizer(FORCE_CLOSE, add_special_tokens=False)["input_ids"]
 
 
 @contextlib.contextmanager
@@ -89,7 +89,7 @@ def sample(model, tokenizer, formatter, task: Task, items: list[Item], copies: i
     out = []
     for i, a in enumerate(answers):
         item, prompt = items[i // copies], prompts[i // copies]
-        ids, mask = completion_tokens(tokenizer, a, limit)
+        ids, mask = completion_tokens(tokenizer, a)
         out.append(Rollout(item=item, prompt_ids=prompt, completion_ids=ids, policy_mask=mask, text=a.text,
                            num_tokens=a.num_tokens, scored=score(a.text, a.num_tokens, a.closed, item, task, g, limit)))
     return out
@@ -124,11 +124,79 @@ def collate(rollouts: list[Rollout], pad_id: int, device) -> dict[str, torch.Ten
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def completion_logprobs(model, batch: dict[str, torch.Tensor], temperature: float, autocast) -> torch.Tensor:
-    """log p of each completion token under `model` (B, C); the padding columns hold values the mask drops."""
+# Positions whose vocabulary logits exist at once in the update. At a 128k vocabulary one chunk's fp32 logits are
+# 512 x 128,256 x 4 B = 0.24 GiB, and the forward + backward of a chunk peaks at about 4 such copies (1 GiB),
+# against ~8 GiB for a whole 8 x 512-token micro-batch's logits. A 512-row lm_head matmul still runs at full speed.
+LOGIT_CHUNK_TOKENS = 512
+
+# Config fields with which a model's forward changes the logits after `lm_head` (Gemma 2/3's tanh soft-capping,
+# Cohere's `logit_scale`, Granite/MiniCPM's `logits_scaling`, Falcon-H1's `lm_head_multiplier`, ...): the
+# chunked path applies the plain `lm_head` only, so these models take the full-logits path.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
+                     "output_multiplier")
+
+
+def _head_and_decoder(model):
+    """(lm_head, decoder) of the causal LM inside `model` (PEFT and/or DDP wrapped), or None when the logits
+    are not just `lm_head(decoder output)` or the model does not say where those are."""
+    lm = getattr(model, "module", model)  # DDP keeps the model in .module
+    lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # PEFT: the *ForCausalLM, LoRA injected
+    if not (hasattr(lm, "get_decoder") and hasattr(lm, "get_output_embeddings")):
+        return None
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    if any(getattr(config, name, None) is not None for name in _LOGIT_TRANSFORMS):
+        return None
+    head, decoder = lm.get_output_embeddings(), lm.get_decoder()
+    if head is None or decoder is None or decoder is lm:
+        return None
+    return head, decoder
+
+
+def completion_logprobs(model, batch: dict[str, torch.Tensor], temperature: float, autocast,
+                        chunk_tokens: int = LOGIT_CHUNK_TOKENS) -> torch.Tensor:
+    """log p of each completion token under `model` (B, C); the padding columns hold values the mask drops.
+
+    The (B, C, vocab) logits never exist at once, in forward or backward: the model runs to its last hidden
+    states, then `chunk_tokens` positions at a time go through lm_head -> fp32 -> log-softmax at the chosen
+    token, each chunk under activation checkpointing, so backward recomputes one chunk's logits at a time and
+    only the (B, C) log-probabilities are kept.
+    """
     c_len = batch["completion_ids"].shape[1]
-    with autocast:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], logits_to_keep=c_len + 1, use_cache=False).logits
-    # The logit at position j predicts token j + 1: the last c_len + 1 positions predict the completion's c_len.
-    return token_logprobs(logits[:, :-1], batch["completion_ids"], temperature)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "position_ids": batch["position_ids"], "use_cache": False}
+    parts = _head_and_decoder(model)
+    if parts is None:  # the model's forward does more to the logits than lm_head: take them whole
+        with autocast:
+            logits = model(**inputs, logits_to_keep=c_len + 1).logits
+        # The logit at position j predicts token j + 1: the last c_len + 1 positions predict the completion's c_len.
+        return token_logprobs(logits[:, :-1], batch["completion_ids"], temperature)
+
+    head, decoder = parts
+    captured = []
+    # The decoder's output is taken by a hook while `model` itself runs forward, rather than by calling the
+    # decoder directly: whatever wraps the model runs as in the full-logits path (PEFT's forward; DDP's, without
+    # which its gradients would silently not be all-reduced). logits_to_keep=1 makes the model's own lm_head
+    # cost one position (0 would mean all of them).
+    hook = decoder.register_forward_hook(lambda mod, args, out: captured.append(out[0]))
+    try:
+        with autocast:
+            model(**inputs, logits_to_keep=1)
+    finally:
+        hook.remove()
+    hidden = captured[-1][:, -(c_len + 1) : -1]  # position j predicts token j + 1, as in the full-logits path
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    tokens = batch["completion_ids"].reshape(-1)
+
+    def chunk_logprobs(h, t):
+        return token_logprobs(head(h), t, temperature)
+
+    out = []
+    with autocast:  # the lm_head matmul under the same autocast as the decoder, as in the model's forward
+        for h, t in zip(hidden.split(chunk_tokens), tokens.split(chunk_tokens)):
+            if torch.is_grad_enabled():
+                # Non-reentrant checkpointing keeps only the chunk's inputs and recomputes its logits (under the
+                # autocast and RNG state it recorded: a LoRA dropout on lm_head) when backward reaches it.
+                out.append(checkpoint(chunk_logprobs, h, t, use_reentrant=False))
+            else:  # reference / no-grad passes: nothing is kept for backward anyway
+                out.append(chunk_logprobs(h, t))
+    return torch.cat(out).view(-1, c_len)
