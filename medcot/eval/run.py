@@ -36,9 +36,10 @@ from medcot.io import write_atomic
 log = logging.getLogger(__name__)
 
 
-def answer_items(model, tokenizer, formatter, task: Task, items: list[Item], cfg: Config, tag: str) -> list[dict]:
-    """Ask, answer and judge one batch of items by `eval.protocol`; one record per item."""
-    return PROTOCOLS[cfg.eval.protocol].answer(model, tokenizer, formatter, task, items, cfg, tag)
+def answer_items(model, tokenizer, formatter, task: Task, items: list[Item], cfg: Config, tag: str,
+                 on_record: Callable[[dict], None] | None = None) -> list[dict]:
+    """Ask, answer and judge items by `eval.protocol`; one record per item, and `on_record(record)` as each is final."""
+    return PROTOCOLS[cfg.eval.protocol].answer(model, tokenizer, formatter, task, items, cfg, tag, on_record)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,17 +238,20 @@ def _run_task(model, tokenizer, formatter, task: Task, items: list[Item], cfg: C
     # Longest prompts first: similar lengths share a batch (less padding), and a prompt too long for
     # memory fails in the first batch rather than at the end.
     todo.sort(key=lambda it: -len(formatter.prompt(task.render(it))))
-    correct = sum(r["correct"] for r in done)
-    bs = cfg.eval.batch_size
+    # A generative protocol gets every item at once: the engine keeps eval.batch_size of them running and starts
+    # the next as soon as one ends, where chunks of batch_size would leave slots idle behind each chunk's longest
+    # answer. Each record is stored as its item is judged, so an interrupted eval keeps all finished items.
+    chunk = max(len(todo), 1) if protocol.generative else cfg.eval.batch_size
     with tqdm(total=len(items), initial=len(done), desc=f"{tag} {task.name}", unit="item", disable=None) as pbar:
-        pbar.set_postfix_str(_running(correct, len(done)))
-        for i in range(0, len(todo), bs):
-            recs = answer_items(model, tokenizer, formatter, task, todo[i : i + bs], cfg, tag)
-            store.append(recs)
-            done += recs
-            correct += sum(r["correct"] for r in recs)
-            pbar.update(len(recs))
-            pbar.set_postfix_str(_running(correct, len(done)))
+        def keep(record: dict) -> None:
+            store.append([record])
+            done.append(record)
+            pbar.update(1)
+            pbar.set_postfix_str(_running(sum(r["correct"] for r in done), len(done)), refresh=False)
+
+        pbar.set_postfix_str(_running(sum(r["correct"] for r in done), len(done)))
+        for i in range(0, len(todo), chunk):
+            answer_items(model, tokenizer, formatter, task, todo[i : i + chunk], cfg, tag, on_record=keep)
     verdicts = [(r["extracted"], r["method"], r["correct"]) for r in done]
     extra = protocol.finalize(task, done)  # e.g. huatuo: first- or last-match, whichever scores better
     changed = verdicts != [(r["extracted"], r["method"], r["correct"]) for r in done]

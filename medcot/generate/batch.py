@@ -7,7 +7,7 @@ import collections
 import contextlib
 import math
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 from medcot.config import GenerateArgs
@@ -66,12 +66,27 @@ def full_weights(model) -> Iterator[None]:
 
 
 def run_requests(model, tokenizer, prompts: list[list[int]], params: list[SamplingParams], batch_size: int,
-                 progress=None) -> list[Request]:
-    """Run every prompt to its end with continuous batching (`batch_size` at a time); raises the first error."""
+                 progress=None, on_done: Callable[[int, Request], None] | None = None) -> list[Request]:
+    """Run every prompt to its end with continuous batching (`batch_size` at a time); raises the first error.
+
+    `progress(n_done)` is called as requests finish, and `on_done(index, request)` for each request that
+    finished without an error, as it finishes (eval stores an item's answer then, not at the end).
+    """
     requests = [Request(ids, p) for ids, p in zip(prompts, params)]
+    pending = dict(enumerate(requests))
+
+    def finished(n: int) -> None:
+        if on_done is not None:
+            for i in [i for i, r in pending.items() if r.result is not None]:
+                r = pending.pop(i)
+                if r.result.kind == "done":
+                    on_done(i, r)
+        if progress is not None:
+            progress(n)
+
     with full_weights(model):
         engine = engine_for(model, tokenizer, prompts, max((p.max_tokens for p in params), default=1), batch_size)
-        engine.run(requests, progress)
+        engine.run(requests, finished)
     for r in requests:
         if r.result is None or r.result.kind == "error":
             raise r.result.error if r.result is not None else RuntimeError("generation did not finish")

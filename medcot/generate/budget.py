@@ -7,6 +7,7 @@ answers and the server all use this one implementation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from medcot.config import GenerateArgs
@@ -32,7 +33,8 @@ class Answer:
 
 
 def generate_answers(model, tokenizer, prompts: list[list[int]], gen: GenerateArgs, batch_size: int,
-                     thinking_budget: int | None, answer_tokens: int) -> list[Answer]:
+                     thinking_budget: int | None, answer_tokens: int,
+                     on_answer: Callable[[int, Answer], None] | None = None) -> list[Answer]:
     """Generate a reasoning + answer for each prompt.
 
     Without a budget: one pass of `gen.max_new_tokens`. With one, the engine's rule (the server's too): the
@@ -40,15 +42,21 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], gen: GenerateAr
     "\\n</think>\\n" is fed to the model and up to `answer_tokens` more are generated, so every item gets a
     chance to answer (s1's "budget forcing"). A model that closes its reasoning itself gets `thinking_budget +
     answer_tokens` tokens in all. The continuation is the same token stream (no re-tokenization).
+    `on_answer(index, answer)` is called for each prompt as soon as its answer is complete.
     """
     if thinking_budget is None:
         params = [sampling_params(gen, i) for i in range(len(prompts))]
     else:
         params = [sampling_params(gen, i, max_tokens=thinking_budget + answer_tokens, thinking_budget=thinking_budget,
                                   answer_tokens=answer_tokens) for i in range(len(prompts))]
-    answers = []
-    for r in run_requests(model, tokenizer, prompts, params, batch_size):
+    answers: list[Answer | None] = [None] * len(prompts)
+
+    def done(i: int, r) -> None:
         text, forced = completion_text(tokenizer, r), r.result.forced_close
-        answers.append(Answer(text, r.result.completion_tokens, not forced and THINK_CLOSE in text, forced,
-                              tuple(r.token_ids), r.forced_at, r.result.finish_reason == "stop"))
+        answers[i] = Answer(text, r.result.completion_tokens, not forced and THINK_CLOSE in text, forced,
+                            tuple(r.token_ids), r.forced_at, r.result.finish_reason == "stop")
+        if on_answer is not None:
+            on_answer(i, answers[i])
+
+    run_requests(model, tokenizer, prompts, params, batch_size, on_done=done)
     return answers

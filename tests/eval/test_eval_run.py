@@ -36,30 +36,35 @@ def test_interrupted_eval_resumes_without_recomputing(tiny_overrides, tmp_path, 
     cfg = load_config(None, tiny_overrides + ["eval.benchmarks=medqa,pubmedqa"])
     out = tmp_path / "eval"
     real = run_mod.answer_items
-    batches = []
+    calls = []
 
-    def interrupted_on_third_batch(*args, **kwargs):
-        batches.append([it.id for it in args[4]])
-        if len(batches) == 3:
-            raise KeyboardInterrupt  # Ctrl-C in the middle of the pubmedqa items
-        return real(*args, **kwargs)
+    def interrupted_after_one_pubmedqa_item(*args, on_record=None, **kwargs):
+        calls.append([it.id for it in args[4]])
 
-    monkeypatch.setattr(run_mod, "answer_items", interrupted_on_third_batch)
+        def keep(record):
+            on_record(record)
+            if record["benchmark"] == "pubmedqa":
+                raise KeyboardInterrupt  # Ctrl-C while pubmedqa's other items are still generating
+        return real(*args, on_record=keep, **kwargs)
+
+    monkeypatch.setattr(run_mod, "answer_items", interrupted_after_one_pubmedqa_item)
     with pytest.raises(KeyboardInterrupt):
         run_eval(cfg)
+    assert [len(c) for c in calls] == [3, 3]  # each benchmark's items go to the engine together
     first = _items(out)
-    assert len(first) == 3 and {r["benchmark"] for r in first} == {"medqa"}  # medqa's 2 batches were saved
+    # medqa's 3 items and the pubmedqa item judged before the interrupt were each saved as they were judged
+    assert [r["benchmark"] for r in first] == ["medqa"] * 3 + ["pubmedqa"]
 
     # A crash mid-write leaves half a line: it is dropped and that item is answered again.
     with (out / "items.jsonl").open("a") as f:
         f.write('{"model": "base", "benchmark": "pubmedqa", "id": "pubmed')
-    batches.clear()
-    monkeypatch.setattr(run_mod, "answer_items", lambda *a, **k: (batches.append([it.id for it in a[4]]), real(*a, **k))[1])
+    calls.clear()
+    monkeypatch.setattr(run_mod, "answer_items", lambda *a, **k: (calls.append([it.id for it in a[4]]), real(*a, **k))[1])
     result = run_eval(cfg)
-    assert sum(len(b) for b in batches) == 3  # only the 3 pubmedqa items were generated
+    assert sum(len(c) for c in calls) == 2  # only the 2 unanswered pubmedqa items were generated
     records = _items(out)
     assert len(records) == 6 and len({(r["benchmark"], r["id"]) for r in records}) == 6
-    assert records[:3] == first  # earlier lines untouched
+    assert records[:4] == first  # earlier lines untouched
     s = result.summary["models"]["base"]["benchmarks"]
     assert s["medqa"]["n"] == 3 and s["pubmedqa"]["n"] == 3
 
@@ -78,17 +83,17 @@ def test_interrupted_eval_resumes_without_recomputing(tiny_overrides, tmp_path, 
     stored = _items(out)
     stored[0].update(extracted="Z", method="old-rule", correct=False)
     (out / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stored))
-    batches.clear()
+    calls.clear()
     run_eval(cfg)
-    assert batches == [] and _items(out)[0]["method"] != "old-rule" and _items(out)[0]["extracted"] != "Z"
+    assert calls == [] and _items(out)[0]["method"] != "old-rule" and _items(out)[0]["extracted"] != "Z"
 
     # A rerun with other generation settings must not mix results; --fresh starts over.
     other = load_config(None, tiny_overrides + ["eval.benchmarks=medqa,pubmedqa", "eval.answer_tokens=4"])
     with pytest.raises(ConfigError, match=r"answer_tokens: 8 -> 4.*--fresh"):
         run_eval(other)
-    batches.clear()
+    calls.clear()
     run_eval(other, fresh=True)
-    assert sum(len(b) for b in batches) == 6
+    assert sum(len(c) for c in calls) == 6
 
 
 def test_evaluate_for_train_restores_the_model(tiny_model_dir):

@@ -7,11 +7,13 @@ holds the k `samples` (each with its own output and verdict) and the verdict is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from medcot.config import Config, GenerateArgs
 from medcot.errors import ConfigError
 from medcot.eval.consistency import vote
 from medcot.eval.tasks import Item, Task
-from medcot.generate.budget import generate_answers
+from medcot.generate.budget import Answer, generate_answers
 
 
 class Protocol:
@@ -27,8 +29,9 @@ class Protocol:
         """What besides the model and the items determines a record (a resumed eval must match it)."""
         raise NotImplementedError
 
-    def answer(self, model, tokenizer, formatter, task: Task, items: list[Item], cfg: Config, tag: str) -> list[dict]:
-        """One record per item."""
+    def answer(self, model, tokenizer, formatter, task: Task, items: list[Item], cfg: Config, tag: str,
+               on_record: Callable[[dict], None] | None = None) -> list[dict]:
+        """One record per item, in item order; `on_record(record)` as each record is final."""
         raise NotImplementedError
 
     def rescore(self, task: Task, item: Item, record: dict) -> bool:
@@ -67,19 +70,30 @@ class GenerativeProtocol(Protocol):
                 f"generate.top_p=0.95, DeepSeek-R1's evaluation setting)"
             )
 
-    def answer(self, model, tokenizer, formatter, task, items, cfg, tag):
+    def answer(self, model, tokenizer, formatter, task, items, cfg, tag, on_record=None):
         k = cfg.eval.samples
         prompts = [self.prompt(tokenizer, formatter, task, it) for it in items]
         gen, budget, answer_tokens = self.decoding(cfg)
+        records: list[dict | None] = [None] * len(items)
+        waiting: dict[int, dict[int, Answer]] = {}  # item -> its answers so far
+
+        def answered(i: int, a: Answer) -> None:  # an item is judged as soon as its k answers are in
+            j = i // k
+            got = waiting.setdefault(j, {})
+            got[i % k] = a
+            if len(got) < k:
+                return
+            del waiting[j]
+            samples = [{"output": x.text, "num_tokens": x.num_tokens, "closed": x.closed, "forced": x.forced,
+                        **self.judge(task, items[j], x.text)} for x in (got[c] for c in range(k))]
+            records[j] = _record(task, items[j], tag, prompts[j][0], samples)
+            if on_record is not None:
+                on_record(records[j])
+
         # All k copies of an item go into one call: the engine seeds each prompt of a call by its position,
         # so the copies differ (copies split over calls could repeat one another's seed).
         ids = [p[1] for p in prompts for _ in range(k)]
-        outs = generate_answers(model, tokenizer, ids, gen, cfg.eval.batch_size, budget, answer_tokens)
-        records = []
-        for i, (it, (text, _)) in enumerate(zip(items, prompts)):
-            samples = [{"output": a.text, "num_tokens": a.num_tokens, "closed": a.closed, "forced": a.forced,
-                        **self.judge(task, it, a.text)} for a in outs[i * k : (i + 1) * k]]
-            records.append(_record(task, it, tag, text, samples))
+        generate_answers(model, tokenizer, ids, gen, cfg.eval.batch_size, budget, answer_tokens, on_answer=answered)
         return records
 
     def rescore(self, task, item, record):

@@ -78,7 +78,7 @@ class LoglikProtocol(Protocol):
     def settings(self, cfg):
         return {}
 
-    def answer(self, model, tokenizer, formatter, task, items, cfg, tag):
+    def answer(self, model, tokenizer, formatter, task, items, cfg, tag, on_record=None):
         requests = [task.lm_eval_request(it) for it in items]
         scores = option_logliks(model, tokenizer, [(ctx, list(conts.values())) for ctx, conts in requests],
                                 cfg.eval.batch_size)
@@ -91,4 +91,6 @@ class LoglikProtocol(Protocol):
                 "method": "loglik", "correct": best == it.answer, "num_tokens": 0, "closed": False, "forced": 0,
                 "loglik": {k: round(v, 4) for k, v in by_label.items()}, "prompt": context, "output": "",
             })
+            if on_record is not None:
+                on_record(records[-1])
         return records
