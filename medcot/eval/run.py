@@ -47,7 +47,7 @@ def answer_items(model, tokenizer, formatter, task: Task, items: list[Item], cfg
 
 
 class ItemStore:
-    """`items.jsonl`: one line per answered item, appended and flushed batch by batch.
+    """`items.jsonl`: one line per answered item, appended and flushed as each item is judged.
 
     A line cut short by a crash mid-write is dropped when the file is read back (and the file is
     truncated to the last whole line), so the item is simply answered again.
