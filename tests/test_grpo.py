@@ -59,8 +59,14 @@ def test_correctness_is_evals_own_verdict(monkeypatch, tiny_model_dir):
         "Cephalosporin.\n</think>\nC. Ceftriaxone",
         "",
     ]
-    monkeypatch.setattr(base, "generate_answers",
-                        lambda model, tok, prompts, *a, **k: [Answer(o, 5, "</think>" in o, False) for o in outputs])
+
+    def fixed_outputs(model, tok, prompts, *args, on_answer=None, **kwargs):  # generate_answers' contract
+        answers = [Answer(o, 5, "</think>" in o, False) for o in outputs]
+        for i, a in enumerate(answers):
+            on_answer(i, a)
+        return answers
+
+    monkeypatch.setattr(base, "generate_answers", fixed_outputs)
     cfg = load_config()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     records = eval_run.answer_items(None, tok, PromptFormatter(tok, cfg.prompt), MEDQA, [ITEM] * len(outputs), cfg, "t")
