@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.provenance import machine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,15 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
               "answer_tokens": a.answer_tokens, "batch_size": a.batch_size, "overrides": a.override, **row,
               "baseline_tokens_per_s": a.baseline_tokens_per_s, "baseline": a.baseline_note,
               "speedup_vs_baseline": round(row["tokens_per_s"] / a.baseline_tokens_per_s, 2),
-              "machine": {"python": platform.python_version(), "cpus": os.cpu_count()}}
-    try:
-        import torch
-
-        report["machine"]["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            report["machine"]["gpu"] = torch.cuda.get_device_name()
-    except ImportError:
-        pass
+              "machine": machine()}
     print(f"\nmedcot eval end to end: {a.model}, {a.benchmarks} x {a.limit}, thinking budget {a.thinking_budget}, "
           f"batch {a.batch_size}")
     print(f"{'items':>6} {'tokens':>9} {'forced':>7} {'wall s':>8} {'tok/s':>9} {'eval-only tok/s':>16} {'vs baseline':>12}")

@@ -65,6 +65,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.provenance import versions
+
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LEARNING_RATE = 1e-5  # medcot's grpo.learning_rate default (TRL's is 1e-6; no effect on time)
@@ -488,18 +490,6 @@ def run_trl(args) -> dict:
                          "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps}}
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes", "datasets"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
 def child(args) -> None:
     import torch
 
@@ -589,7 +579,7 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"bench": "grpo_throughput", "date": datetime.date.today().isoformat(),
             "command": "python -m bench.grpo_throughput " + shlex.join(worker_argv), "stacks": stacks,
             "model": args.model, "weights": _weights_note(args.model), "items": Path(args.items).name,
-            "quant": args.quant, "device": None, "versions": _versions(),
+            "quant": args.quant, "device": None, "versions": versions(("torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes", "datasets")),
             "shape": {"prompts_per_step": args.prompts_per_step, "k": args.k, "completion_tokens": args.completion_tokens,
                       "micro_batch": args.micro_batch, "steps": args.steps, "warmup": args.warmup},
             "same_settings": {"lora": "r=16 alpha=16 dropout 0, " + ",".join(TARGETS), "learning_rate": LEARNING_RATE,

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.provenance import machine
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -218,18 +220,9 @@ def main() -> int:
         "bench": "serve_load", "model": args.model, "adapter": args.adapter, "device": args.device,
         "dtype": args.dtype, "requests": args.requests, "max_tokens": args.max_tokens,
         "max_batch_size": health["max_batch_size"], "rows": rows,
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "loadavg_at_end": load,
-                    "platform": platform.platform()},
+        "machine": machine(loadavg_at_end=load, platform=platform.platform()),
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
     }
-    try:
-        import torch
-
-        result["machine"]["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            result["machine"]["gpu"] = torch.cuda.get_device_name()
-    except ImportError:
-        pass
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

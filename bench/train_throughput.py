@@ -45,6 +45,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.provenance import versions
+
 REPO = Path(__file__).resolve().parents[1]
 FULL_SET_ROWS = 19_704  # FreedomIntelligence/medical-o1-reasoning-SFT, config "en"
 DENSE_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (datasheet), the usual MFU denominator
@@ -385,19 +387,6 @@ def run_sft_trainer(args, tok, rows):
     return timer.times[: args.steps], tokens, losses, fixed_loss, sum(p.numel() for p in trainer.model.parameters()), extra
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes", "liger-kernel", "unsloth",
-                 "unsloth_zoo", "triton"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
 def worker(args) -> None:
     if args.stack.startswith("unsloth"):
         os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
@@ -425,7 +414,7 @@ def worker(args) -> None:
         mfu=round(6 * n_params_full * tok_s / DENSE_BF16_PEAK, 3) if args.device == "cuda" else None,
         epoch_hours=round(FULL_SET_ROWS * mean_len / tok_s / 3600, 2),
         mean_row_tokens=round(mean_len, 1), token_lengths=lengths.summary(), wall_s=round(time.time() - t0, 1),
-        gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", versions=_versions(), **extra,
+        gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", versions=versions(("torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes", "liger-kernel", "unsloth", "unsloth_zoo", "triton")), **extra,
     )
     print("RESULT " + json.dumps(res), flush=True)
 

@@ -242,14 +242,17 @@ def _run_task(model, tokenizer, formatter, task: Task, items: list[Item], cfg: C
     # the next as soon as one ends, where chunks of batch_size would leave slots idle behind each chunk's longest
     # answer. Each record is stored as its item is judged, so an interrupted eval keeps all finished items.
     chunk = max(len(todo), 1) if protocol.generative else cfg.eval.batch_size
+    correct = sum(r["correct"] for r in done)
     with tqdm(total=len(items), initial=len(done), desc=f"{tag} {task.name}", unit="item", disable=None) as pbar:
         def keep(record: dict) -> None:
+            nonlocal correct
             store.append([record])
             done.append(record)
+            correct += record["correct"]
             pbar.update(1)
-            pbar.set_postfix_str(_running(sum(r["correct"] for r in done), len(done)), refresh=False)
+            pbar.set_postfix_str(_running(correct, len(done)), refresh=False)
 
-        pbar.set_postfix_str(_running(sum(r["correct"] for r in done), len(done)))
+        pbar.set_postfix_str(_running(correct, len(done)))
         for i in range(0, len(todo), chunk):
             answer_items(model, tokenizer, formatter, task, todo[i : i + chunk], cfg, tag, on_record=keep)
     verdicts = [(r["extracted"], r["method"], r["correct"]) for r in done]

@@ -101,12 +101,11 @@ def micro_batch_tokens(rows: list[Encoded], t, packing: bool, world: World) -> l
 
 
 class CudaMemory:
-    """The CUDA allocator's counters, the numbers the budget bounds. Reset every step (a step's own peak),
-    so the maxima over the run are kept here."""
+    """The CUDA allocator's counters, the numbers the budget bounds. Reset every step (a step's own peak; the
+    budget keeps the highest), so the run's highest reserved memory is kept here."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.max_allocated = 0
         self.max_reserved = 0
 
     def capacity(self) -> float:
@@ -119,7 +118,6 @@ class CudaMemory:
         return torch.cuda.max_memory_allocated(self.device)
 
     def reset_peak(self) -> None:
-        self.max_allocated = max(self.max_allocated, self.peak())
         self.max_reserved = max(self.max_reserved, torch.cuda.max_memory_reserved(self.device))
         torch.cuda.reset_peak_memory_stats(self.device)
 
