@@ -44,7 +44,7 @@ for stage in ${1:-model fair4}; do case $stage in
          for f in manifest.json metrics.jsonl; do cp /tmp/medcot_runs/r1-8b-random-qlora/$f "$OUT/${TAG}_medcot_train_4bit_$f"; done ;;
   fair4) bench 4bit 4bit "${STACKS4:-unsloth-8x1,medcot,unsloth-4x2,unsloth-2x4,plain,medcot-nockpt}" \
            "${PROFILE4:-medcot,unsloth-8x1}" $(( $(left) - ${RESERVE16:-0} )) ;;
-  fair16) bench bf16 none "${STACKS16:-unsloth-8x1,medcot,unsloth-4x2,unsloth-2x4,plain}" "${PROFILE16:-}" $(left) ;;
+  fair16) bench bf16 none "${STACKS16:-unsloth-8x1,medcot,unsloth-4x2,unsloth-2x4,plain}" "${PROFILE16:-}" $(( $(left) - ${RESERVEV:-0} )) ;;
   medcotv) run medcotv python3 -m bench.train_throughput --model $MODEL --data $DATA $COLS --quant 4bit \
            --stacks "${STACKS:-medcot-offload-mbt4096,medcot-offload-mbt2560}" --steps 10 --warmup 2 --timeout 200 \
            --budget $(left) --out "$OUT/${TAG}_train_4bit_medcot_variants.json" ;;

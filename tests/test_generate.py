@@ -134,6 +134,59 @@ def test_lora_layers_run_unmerged(tiny_model_dir):
     assert engine_tokens(model, tok, [p], 12, batch_size=1) == [hf_greedy(model, p, 12)]
 
 
+def _lora_all(base, tok):
+    """PEFT LoRA on all 7 projections, lora_B perturbed; asserts the adapter changes the greedy answer."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.eval()
+    p = PromptFormatter(tok, PromptArgs()).encode_prompt(QUESTIONS[0])
+    with model.disable_adapter():
+        without = hf_greedy(model, p, 12)
+    assert hf_greedy(model, p, 12) != without  # the adapters change the answer
+    return model
+
+
+def test_merged_lora_engine_equals_hf_generate(tiny_model_dir):
+    """The adapter merged into the base (what `medcot export` writes): two prompts of different lengths, batched,
+    give HF generate's greedy tokens on the merged model, and those equal the unmerged model's."""
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = _lora_all(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), tok)
+    prompts = [PromptFormatter(tok, PromptArgs()).encode_prompt(q) for q in QUESTIONS[:2]]
+    unmerged = [hf_greedy(model, p, 12) for p in prompts]
+    merged = model.merge_and_unload().eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    ref = [hf_greedy(merged, p, 12) for p in prompts]
+    assert engine_tokens(merged, tok, prompts, 12, batch_size=2) == ref
+    assert ref == unmerged
+
+
+def test_4bit_engine_equals_hf_generate(tiny_model_dir):
+    """QLoRA on CPU: a bitsandbytes NF4 base (fp32 compute) with an unmerged LoRA on all 7 projections; two prompts
+    of different lengths, batched, give HF generate's greedy tokens."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed (its CPU backend runs NF4 layers)")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, quantization_config=nf4,
+                                                device_map={"": "cpu"})
+    assert type(base.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = _lora_all(base, tok)
+    prompts = [PromptFormatter(tok, PromptArgs()).encode_prompt(q) for q in QUESTIONS[:2]]
+    ref = [hf_greedy(model, p, 12) for p in prompts]
+    assert engine_tokens(model, tok, prompts, 12, batch_size=2) == ref
+
+
 def test_batched_greedy_equals_one_at_a_time(tiny):
     model, tok, prompts = tiny
     batched = generate(model, tok, prompts, GenerateArgs(max_new_tokens=8, temperature=0.0, batch_size=3))
