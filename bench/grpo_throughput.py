@@ -9,7 +9,9 @@ normalisation, gradient checkpointing, bf16 (NF4 4-bit with --quant 4bit), micro
 
   medcot   `medcot train --stage grpo` as the CLI runs it (medcot.rl.run.train_grpo on a Config built from
            overrides): rollouts through medcot's generation engine, all k x prompts completions at once
-           (generate.batch_size), then the update
+           (generate.batch_size), then the update (on CUDA: SFT's fast path, completions packed into
+           micro-batches of up to train.micro_batch_tokens tokens, 16,384 by default; padded micro-batches of
+           --micro-batch completions where the fast path is off). medcot-mbtN: train.micro_batch_tokens=N
   trl      TRL's GRPOTrainer with its DEFAULT generation (transformers `generate`, no vLLM, no continuous
            batching), otherwise its defaults
 
@@ -22,12 +24,12 @@ Equal work, made so by the benchmark only (nothing here changes medcot or TRL co
   generate.max_new_tokens (grpo.thinking_budget=null; a budget would feed the forced "</think>" and start a
   second phase, work TRL does not do).
 - The 8B random model has 128,256 vocabulary rows but the SmolLM2 tokenizer only 49,152 tokens. Ids past the
-  tokenizer decode to nothing, and medcot trains on the completion TEXT re-tokenized (rl/rollout.py), so its
-  update would see ~40% of the tokens TRL's sees. With --restrict-vocab auto (the default) a hook on the LM
-  head of both stacks sets the logits of those ids to -1e4, so both sample real tokens. It costs one in-place
-  fill of the logits' tail per LM-head call: every generation step of both, and medcot's update (which builds
-  logits; TRL's fused LM head computes log-probs without calling the module). Re-tokenized random text is
-  still a few % longer than what was sampled: `trained_tokens` per step is reported beside `generated_tokens`.
+  tokenizer decode to nothing, so the completions' text would be shorter than what was sampled. With
+  --restrict-vocab auto (the default) a hook on the LM head of both stacks sets the logits of those ids to
+  -1e4, so both sample real tokens. It costs one in-place fill of the logits' tail per LM-head call: every
+  generation step of both, and medcot's update (which builds logits; TRL's fused LM head computes log-probs
+  without calling the module). Both train on the ids they sampled: `trained_tokens` per step is reported beside
+  `generated_tokens`.
 - CPU only: TRL 1.15's fused LM head needs Triton, which CPU torch lacks; a plain-torch stand-in is installed
   there (`_TorchChunkedLogProb`). On a GPU TRL's own kernel runs.
 
@@ -55,6 +57,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -122,7 +125,7 @@ def compare(results: list[dict]) -> dict:
     n_dig = min((len(r.get("prompt_digests") or []) for r in ok), default=0)
     digests = {tuple(r["prompt_digests"][:n_dig]) for r in ok} if n_dig else {None}
     gen = {tuple(r["generated_tokens_per_step"][:common]) for r in ok}
-    medcot = next((r for r in ok if r["stack"] == "medcot"), None)
+    medcot = next((r for r in ok if r["stack"].startswith("medcot")), None)  # the first medcot stack
     return {
         "medcot_vs_trl_step": medcot["vs_trl"] if medcot and trl else None,
         "medcot_vs_trl_mem": medcot["mem_vs_trl"] if medcot and trl else None,
@@ -132,19 +135,19 @@ def compare(results: list[dict]) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    head = (f"{'stack':<8}{'quant':<6}{'steps':>6}{'step s':>9}{'rollout s':>10}{'rollout tok/s':>14}{'update s':>9}"
+    head = (f"{'stack':<17}{'quant':<6}{'steps':>6}{'step s':>9}{'rollout s':>10}{'rollout tok/s':>14}{'update s':>9}"
             f"{'gen tok/step':>13}{'train tok/step':>15}{'peak GiB':>9}{'vs TRL':>8}")
     lines = [head]
     for r in results:
         if "step_time_median_s" not in r:
             why = r.get("skipped") or ((r.get("error") or "").strip().splitlines() or ["?"])[-1]
-            lines.append(f"{r['stack']:<8}{r.get('quant', ''):<6}  {'SKIPPED' if 'skipped' in r else 'ERROR'}: {why}"[:200])
+            lines.append(f"{r['stack']:<17}{r.get('quant', ''):<6}  {'SKIPPED' if 'skipped' in r else 'ERROR'}: {why}"[:200])
             continue
         timed = slice(r["steps_done"] - r["timed_steps"], None)
         gen = statistics.median(r["generated_tokens_per_step"][timed])
         trained = statistics.median(r["trained_tokens_per_step"][timed])
         vs = f"{r['vs_trl']:.2f}x" if r.get("vs_trl") else "-"
-        lines.append(f"{r['stack']:<8}{r['quant']:<6}{r['timed_steps']:>6}{r['step_time_median_s']:>9.3f}"
+        lines.append(f"{r['stack']:<17}{r['quant']:<6}{r['timed_steps']:>6}{r['step_time_median_s']:>9.3f}"
                      f"{r['rollout_median_s']:>10.3f}{r['rollout_tokens_per_s'] or 0:>14,.1f}{r['update_median_s']:>9.3f}"
                      f"{gen:>13,.0f}{trained:>15,.0f}{r['peak_mem_gib']:>9.2f}{vs:>8}"
                      + ("  (partial: budget)" if r.get("partial") else ""))
@@ -245,6 +248,7 @@ def run_medcot(args) -> dict:
         f"model.dtype={'bf16' if args.device == 'cuda' else 'fp32'}",
         "train.stage=grpo", f"train.output_dir={run_root}", "train.run_name=grpo-bench", "train.report_to=none",
         f"train.per_device_batch_size={args.micro_batch}", "train.gradient_checkpointing=true",  # as TRL's default
+        *([f"train.micro_batch_tokens={m.group(1)}"] if (m := re.search(r"-mbt(\d+)$", args.stack)) else []),
         "train.optimizer=adamw", "train.warmup_steps=0", "train.save_steps=0", "train.sample_questions=1",
         f"train.seed={SEED}",
         f"grpo.source={args.items}", f"grpo.val_size={args.val_size}", f"grpo.max_steps={args.steps}",
@@ -493,7 +497,7 @@ def run_trl(args) -> dict:
 def child(args) -> None:
     import torch
 
-    run = run_medcot if args.stack == "medcot" else run_trl
+    run = run_medcot if args.stack.startswith("medcot") else run_trl
     t0 = time.time()
     res = run(args)
     res.update(stack=args.stack, quant=args.quant, wall_s=round(time.time() - t0, 1),
@@ -573,8 +577,8 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.time()
     stacks = [s.strip() for s in args.stacks.split(",") if s.strip()]
     for s in stacks:
-        if s not in ("medcot", "trl"):
-            ap.error(f"unknown stack {s!r} (medcot, trl)")
+        if not re.fullmatch(r"medcot(-mbt\d+)?|trl", s):
+            ap.error(f"unknown stack {s!r} (medcot, medcot-mbtN, trl)")
     worker_argv = list(argv if argv is not None else sys.argv[1:])
     meta = {"bench": "grpo_throughput", "date": datetime.date.today().isoformat(),
             "command": "python -m bench.grpo_throughput " + shlex.join(worker_argv), "stacks": stacks,

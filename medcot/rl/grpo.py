@@ -3,7 +3,8 @@
 items → contamination check → model (+ the SFT adapter merged) + LoRA → held-out answers before → per step:
 sample k completions for each of the step's prompts (medcot's generation functions), score them (rl/rewards.py),
 group-normalised advantages, the clipped loss with a KL penalty to the model with the adapter disabled
-(rl/algorithm.py), optimizer update(s) → checkpoints, metrics → adapter → held-out answers after → report.
+(rl/algorithm.py), optimizer update(s) on SFT's micro-batches (packed on the fast path, rl/rollout.py) →
+checkpoints, metrics → adapter → held-out answers after → report.
 
 Resume is exact: a step's prompts come from (train.seed, step) like SFT's rows, its completions are sampled
 with a seed made of (train.seed, step), and the checkpoint holds weights, optimizer, schedule and RNG, so a
@@ -24,7 +25,7 @@ from typing import Callable
 import torch
 
 from medcot.config import Config
-from medcot.data.collate import rows_for_step
+from medcot.data.collate import micro_batches, rows_for_step
 from medcot.data.prompts import PromptFormatter
 from medcot.errors import Interrupted, TrainingDiverged
 from medcot.eval.run import evaluate_for_train
@@ -38,6 +39,8 @@ from medcot.rl.rollout import (
     collate,
     completion_limit,
     completion_logprobs,
+    pack_rollouts,
+    packable,
     rollout_args,
     sample,
 )
@@ -49,6 +52,7 @@ from medcot.train.checkpoint import (
     save_checkpoint,
 )
 from medcot.train.distributed import World
+from medcot.train.fast import skip_optimizer_syncs
 from medcot.train.tracking import Tracker
 from medcot.train.trainer import (
     StopFlag,
@@ -112,9 +116,7 @@ def grpo(cfg: Config, run_dir: Path, on_log: Callable[[str], None] = log.info,
     if start_from is not None:
         model = merge_adapter(model, start_from)
         on_log(f"model: merged the SFT adapter {start_from} into the base (the KL reference is this model)")
-    # The update runs padded micro-batches: SFT's packing and fused kernels are not wired for it.
-    plain = dataclasses.replace(cfg, train=dataclasses.replace(t, fast_path="off"))
-    run = Trainer.build(model, plain, World(), run_dir, on_log, started=t_start)  # one process (rl/run.py)
+    run = Trainer.build(model, cfg, World(), run_dir, on_log, started=t_start)  # one process (rl/run.py)
     formatter = PromptFormatter(tokenizer, cfg.prompt)
     limit = completion_limit(g, cfg.generate)
     greedy = dataclasses.replace(cfg.generate, temperature=0.0)
@@ -133,6 +135,7 @@ def grpo(cfg: Config, run_dir: Path, on_log: Callable[[str], None] = log.info,
     # -- Optimizer, resume, before --------------------------------------------------------------
     params = [p for p in run.engine.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, t.optimizer, g.learning_rate, t.weight_decay)
+    skip_optimizer_syncs(optimizer)  # as SFT: 8-bit AdamW's per-tensor device syncs, same update
     # One schedule step per GRPO step (its grpo.iterations updates share a learning rate), so the checkpoint's
     # step and the schedule's agree.
     scheduler = make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, g.max_steps)
@@ -240,11 +243,14 @@ def _update(run: Trainer, params, optimizer, kept: list[Rollout], g, t, pad_id: 
             eps_high: float) -> dict:
     """grpo.iterations optimizer updates on the step's completions; the step's loss, KL, clip fraction, grad norm.
 
-    The reference log-probabilities come from the same model with the adapter disabled (no second model). The
+    The micro-batches are SFT's: packed where the trainer packs (and the model's logits are its lm_head's, which
+    the packed log-probabilities need), else padded; the reference and every policy pass run the same ones. The
+    reference log-probabilities come from the same model with the adapter disabled (no second model). The
     sampling-time log-probabilities are those of the first pass: no update has happened between sampling and it.
     """
-    bs = t.per_device_batch_size
-    batches = [collate(kept[i : i + bs], pad_id, run.device) for i in range(0, len(kept), bs)]
+    packing = run.packing and packable(run.model)
+    groups = micro_batches(kept, t.per_device_batch_size, packing, t.micro_batch_tokens)
+    batches = [pack_rollouts(grp, run.device) if packing else collate(grp, pad_id, run.device) for grp in groups]
     n_tokens = sum(sum(r.policy_mask) for r in kept)
     refs: list[torch.Tensor | None] = [None] * len(batches)
     if g.beta > 0:

@@ -10,6 +10,11 @@ The update trains on the ids the engine sampled (`Answer.token_ids`), not on the
 can merge token boundaries differently and so score tokens nobody sampled), with the forced "\\n</think>\\n"
 ids where the engine fed them, masked out of the loss (the model did not choose them), and EOS where the
 completion stopped by itself.
+
+The update's micro-batches are SFT's (medcot/data/collate.py `micro_batches`): where the trainer packs
+(`Trainer.packing`, the fast path), as many prompt + completion sequences as fit in `train.micro_batch_tokens`
+concatenated into one (`pack_rollouts`), attention running row by row; otherwise `train.per_device_batch_size`
+padded rows (`collate`). `completion_logprobs` reads either and returns the same (B, C) log-probabilities.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ class Rollout:
     num_tokens: int  # generated tokens as the generator counted them (the forced tag excluded)
     scored: Scored
     advantage: float = 0.0
+
+    @property
+    def input_ids(self) -> list[int]:
+        """The sequence the update runs: the prompt, then the completion (what `micro_batches` counts)."""
+        return self.prompt_ids + self.completion_ids
 
 
 def completion_limit(g: GrpoArgs, gen: GenerateArgs) -> int:
@@ -124,6 +134,38 @@ def collate(rollouts: list[Rollout], pad_id: int, device) -> dict[str, torch.Ten
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def pack_rollouts(rollouts: list[Rollout], device) -> dict:
+    """One micro-batch, padding-free: every rollout's prompt + completion concatenated into a (1, T) sequence,
+    positions restarting at 0 for each, `row_bounds` the rows' offsets as `pack_collate` makes them (attention
+    runs row by row at them: `fast.use_packed_attention`).
+
+    What the loss reads keeps `collate`'s (B, C) layout (`completion_ids`, `mask`, `advantages`), so the rest of
+    the update is the same for both. The N real completion tokens, row by row, are tied to the packed sequence by
+    `predictors` (N,), the positions whose hidden states predict them (token j is predicted at j - 1, inside its
+    own row: a prompt is never empty), and to the (B, C) layout by `slots` (N,), their flat index in it.
+    """
+    n = len(rollouts)
+    c_len = max(max(len(r.completion_ids) for r in rollouts), 1)
+    input_ids, positions, bounds, predictors, slots = [], [], [0], [], []
+    completion_ids = torch.zeros((n, c_len), dtype=torch.long)  # padding columns: any token, the mask drops them
+    mask = torch.zeros((n, c_len), dtype=torch.float32)
+    for i, r in enumerate(rollouts):
+        start, p, c = bounds[-1], len(r.prompt_ids), len(r.completion_ids)
+        input_ids += r.input_ids
+        positions += range(p + c)
+        bounds.append(start + p + c)
+        predictors += range(start + p - 1, start + p + c - 1)
+        slots += range(i * c_len, i * c_len + c)
+        completion_ids[i, :c] = torch.tensor(r.completion_ids, dtype=torch.long)
+        mask[i, :c] = torch.tensor(r.policy_mask, dtype=torch.float32)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    batch = {"input_ids": as_long([input_ids]), "position_ids": as_long([positions]),
+             "predictors": as_long(predictors), "slots": as_long(slots), "completion_ids": completion_ids,
+             "mask": mask, "advantages": torch.tensor([r.advantage for r in rollouts], dtype=torch.float32)}
+    # row_bounds stays a Python list: the packed attention slices at these offsets without a GPU sync.
+    return {**{k: v.to(device) for k, v in batch.items()}, "row_bounds": bounds}
+
+
 # Positions whose vocabulary logits exist at once in the update. At a 128k vocabulary one chunk's fp32 logits are
 # 512 x 128,256 x 4 B = 0.24 GiB, and the forward + backward of a chunk peaks at about 4 such copies (1 GiB),
 # against ~8 GiB for a whole 8 x 512-token micro-batch's logits. A 512-row lm_head matmul still runs at full speed.
@@ -152,20 +194,34 @@ def _head_and_decoder(model):
     return head, decoder
 
 
-def completion_logprobs(model, batch: dict[str, torch.Tensor], temperature: float, autocast,
+def packable(model) -> bool:
+    """Whether the update may pack `model`'s micro-batches: only the chunked path below reads a packed batch
+    (the full-logits one keeps the last positions of padded rows)."""
+    return _head_and_decoder(model) is not None
+
+
+def completion_logprobs(model, batch: dict, temperature: float, autocast,
                         chunk_tokens: int = LOGIT_CHUNK_TOKENS) -> torch.Tensor:
     """log p of each completion token under `model` (B, C); the padding columns hold values the mask drops.
 
-    The (B, C, vocab) logits never exist at once, in forward or backward: the model runs to its last hidden
-    states, then `chunk_tokens` positions at a time go through lm_head -> fp32 -> log-softmax at the chosen
-    token, each chunk under activation checkpointing, so backward recomputes one chunk's logits at a time and
-    only the (B, C) log-probabilities are kept.
+    `batch` is padded (`collate`) or packed (`pack_rollouts`, for a `packable` model only). The (B, C, vocab)
+    logits never exist at once, in forward or backward: the model runs to its last hidden states, then
+    `chunk_tokens` completion positions at a time go through lm_head -> fp32 -> log-softmax at the chosen token,
+    each chunk under activation checkpointing, so backward recomputes one chunk's logits at a time and only the
+    log-probabilities are kept.
     """
-    c_len = batch["completion_ids"].shape[1]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "position_ids": batch["position_ids"], "use_cache": False}
+    n, c_len = batch["completion_ids"].shape
+    packed = "row_bounds" in batch
+    if packed:  # no attention mask: attention stops at row_bounds
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+                  "row_bounds": batch["row_bounds"], "use_cache": False}
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                  "position_ids": batch["position_ids"], "use_cache": False}
     parts = _head_and_decoder(model)
     if parts is None:  # the model's forward does more to the logits than lm_head: take them whole
+        if packed:
+            raise ValueError("a packed batch needs a model whose logits are lm_head(decoder output) (`packable`)")
         with autocast:
             logits = model(**inputs, logits_to_keep=c_len + 1).logits
         # The logit at position j predicts token j + 1: the last c_len + 1 positions predict the completion's c_len.
@@ -176,16 +232,20 @@ def completion_logprobs(model, batch: dict[str, torch.Tensor], temperature: floa
     # The decoder's output is taken by a hook while `model` itself runs forward, rather than by calling the
     # decoder directly: whatever wraps the model runs as in the full-logits path (PEFT's forward; DDP's, without
     # which its gradients would silently not be all-reduced). logits_to_keep=1 makes the model's own lm_head
-    # cost one position (0 would mean all of them).
+    # cost one position per row (0 would mean all of them).
     hook = decoder.register_forward_hook(lambda mod, args, out: captured.append(out[0]))
     try:
         with autocast:
             model(**inputs, logits_to_keep=1)
     finally:
         hook.remove()
-    hidden = captured[-1][:, -(c_len + 1) : -1]  # position j predicts token j + 1, as in the full-logits path
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    tokens = batch["completion_ids"].reshape(-1)
+    if packed:  # only the real completion tokens, no padding: (N, H) and (N,)
+        hidden = captured[-1][0, batch["predictors"]]
+        tokens = batch["completion_ids"].reshape(-1)[batch["slots"]]
+    else:  # position j predicts token j + 1, as in the full-logits path
+        hidden = captured[-1][:, -(c_len + 1) : -1]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        tokens = batch["completion_ids"].reshape(-1)
 
     def chunk_logprobs(h, t):
         return token_logprobs(head(h), t, temperature)
@@ -199,4 +259,7 @@ def completion_logprobs(model, batch: dict[str, torch.Tensor], temperature: floa
                 out.append(checkpoint(chunk_logprobs, h, t, use_reentrant=False))
             else:  # reference / no-grad passes: nothing is kept for backward anyway
                 out.append(chunk_logprobs(h, t))
-    return torch.cat(out).view(-1, c_len)
+    flat = torch.cat(out)
+    if packed:  # into the (B, C) layout of the loss; the padding columns stay 0
+        return flat.new_zeros(n * c_len).index_copy(0, batch["slots"], flat).view(n, c_len)
+    return flat.view(n, c_len)
