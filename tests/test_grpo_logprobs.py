@@ -387,3 +387,40 @@ def test_a_grpo_step_on_the_fast_path_packs_and_equals_the_plain_one(tmp_path, t
     assert metrics["fast"]["grad_norm"] > 0 and abs(metrics["fast"]["loss"]) > 1e-4
     for key in ("reward", "loss", "kl", "clip_fraction", "grad_norm"):
         assert math.isclose(metrics["fast"][key], metrics["plain"][key], rel_tol=1e-4, abs_tol=1e-7), key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (PyTorch's varlen flash attention); run on the device")
+def test_packed_update_on_cuda_runs_varlen_attention_and_matches_the_fp32_padded_one(monkeypatch):
+    """On CUDA the packed micro-batch goes through varlen flash attention in bf16; its log-probs and LoRA gradients
+    match the padded fp32 path to bf16 precision, and a predictor shifted by one would not."""
+    if fast._varlen() is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen (torch >= 2.10)")
+    torch.manual_seed(0)
+    model = _tiny().cuda()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40)  # spread the logits: a wrong token position shows at once
+    fast.use_packed_attention(model)
+    calls = []
+    varlen, kw = fast._varlen()
+    monkeypatch.setattr(fast, "_varlen", lambda: (lambda *a, **k: calls.append(1) or varlen(*a, **k), kw))
+    padded, packed = collate(_rows(), pad_id=0, device="cuda"), pack_rollouts(_rows(), device="cuda")
+    present = _present().cuda()
+    bf16 = torch.autocast("cuda", dtype=torch.bfloat16)
+
+    def logp_and_grads(batch, autocast):
+        logp = completion_logprobs(model, batch, 1.0, autocast, chunk_tokens=CHUNK)
+        return logp.detach(), _loss_and_grads(model, logp, batch)[1]
+
+    ref, ref_grads = logp_and_grads(padded, NO_AUTOCAST)  # fp32, SDPA with the padding mask
+    assert not calls
+    got, grads = logp_and_grads(packed, bf16)
+    assert len(calls) == 2  # one varlen call per decoder layer (the chunks' recompute runs the head only)
+    err = (got[present] - ref[present]).abs().max().item()
+    assert err <= 0.25, err
+    shifted = dict(packed, predictors=packed["predictors"] - 1)
+    with torch.no_grad():
+        wrong = completion_logprobs(model, shifted, 1.0, bf16, chunk_tokens=CHUNK)
+    assert (wrong[present] - ref[present]).abs().max().item() > 1.0
+    for a, b in zip(grads, ref_grads):
+        assert (a.float() - b).norm() <= 0.05 * b.norm()
