@@ -72,11 +72,11 @@ for stage in ${1:-model fair4}; do case $stage in
            --budget-s 150 --out "$OUT/${TAG}_generate_lora_merged_bf16.json" ;;
   gputests) run gputests python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS:-tests/test_generate_gpu.py} ;;
   # GRPO (issue 18): medcot's stage vs TRL's GRPOTrainer (HF generate), 4 prompts x k=8 x 512 tokens; bf16 if time is left
-  # (GRPO_STACKS4 / GRPO_STACKS16: the stacks of each, default medcot,trl).
+  # (GRPO_QUANTS: which of "4bit none"; GRPO_STACKS4 / GRPO_STACKS16: the stacks of each, default medcot,trl).
   # GRPO_BUDGET (default 360 s) bounds the stage; each stack gets at most GRPO_STACK_S and stops after the step past
   # which the next would not fit, keeping what it measured.
   grpo) GB=$(left); [ $GB -gt ${GRPO_BUDGET:-360} ] && GB=${GRPO_BUDGET:-360}; G0=$SECONDS
-        for q in 4bit none; do GL=$(( GB - (SECONDS - G0) )); [ $GL -lt 90 ] && { echo "grpo $q skipped: ${GL}s left"; continue; }
+        for q in ${GRPO_QUANTS:-4bit none}; do GL=$(( GB - (SECONDS - G0) )); [ $GL -lt 90 ] && { echo "grpo $q skipped: ${GL}s left"; continue; }
           run grpo_$q python3 -m bench.grpo_throughput --model $MODEL --items .whl2/data/medqa_usmle_4opt_dev.jsonl \
               --quant $q --stacks $([ $q = none ] && echo ${GRPO_STACKS16:-medcot,trl} || echo ${GRPO_STACKS4:-medcot,trl}) --steps ${GRPO_STEPS:-3} --warmup 1 --budget $GL --timeout ${GRPO_STACK_S:-240} \
               --min-stack-s 75 --log-dir "$LOGS/grpo_$q" --out "$OUT/${TAG}_grpo_${q/none/bf16}.json"; done ;;

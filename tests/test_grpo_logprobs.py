@@ -86,7 +86,7 @@ def _reference(model, batch, temperature, autocast=NO_AUTOCAST):
 
 def _loss_and_grads(model, logp, batch):
     """A masked loss weighting each token differently, and the gradients of every LoRA parameter."""
-    w = torch.linspace(-1.0, 2.0, logp.numel()).view_as(logp)
+    w = torch.linspace(-1.0, 2.0, logp.numel(), device=logp.device).view_as(logp)
     loss = (logp * w * batch["mask"]).sum()
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     return loss, torch.autograd.grad(loss, params)
