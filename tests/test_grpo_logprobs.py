@@ -392,35 +392,41 @@ def test_a_grpo_step_on_the_fast_path_packs_and_equals_the_plain_one(tmp_path, t
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (PyTorch's varlen flash attention); run on the device")
 def test_packed_update_on_cuda_runs_varlen_attention_and_matches_the_fp32_padded_one(monkeypatch):
-    """On CUDA the packed micro-batch goes through varlen flash attention in bf16; its log-probs and LoRA gradients
-    match the padded fp32 path to bf16 precision, and a predictor shifted by one would not."""
+    """On CUDA a bf16 model's packed micro-batch goes through varlen flash attention; its log-probs and LoRA gradients
+    match the same model's padded fp32 ones to bf16 precision, and a predictor shifted by one would not. An fp32
+    model's packed batch goes row by row (the varlen kernel takes 16-bit inputs only) and matches to fp32 precision."""
+    import copy
+
     if fast._varlen() is None:
         pytest.skip("this torch has no torch.nn.attention.varlen (torch >= 2.10)")
     torch.manual_seed(0)
-    model = _tiny().cuda()
+    model32 = _tiny().cuda()
     with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(40)  # spread the logits: a wrong token position shows at once
-    fast.use_packed_attention(model)
+        model32.get_output_embeddings().weight.mul_(40)  # spread the logits: a wrong token position shows at once
+    model16 = copy.deepcopy(model32).to(torch.bfloat16)
+    for m in (model32, model16):
+        fast.use_packed_attention(m)
     calls = []
     varlen, kw = fast._varlen()
     monkeypatch.setattr(fast, "_varlen", lambda: (lambda *a, **k: calls.append(1) or varlen(*a, **k), kw))
     padded, packed = collate(_rows(), pad_id=0, device="cuda"), pack_rollouts(_rows(), device="cuda")
     present = _present().cuda()
-    bf16 = torch.autocast("cuda", dtype=torch.bfloat16)
 
-    def logp_and_grads(batch, autocast):
-        logp = completion_logprobs(model, batch, 1.0, autocast, chunk_tokens=CHUNK)
-        return logp.detach(), _loss_and_grads(model, logp, batch)[1]
+    def logp_and_grads(model, batch):
+        logp = completion_logprobs(model, batch, 1.0, NO_AUTOCAST, chunk_tokens=CHUNK)
+        return logp.detach().float(), [g.float() for g in _loss_and_grads(model, logp, batch)[1]]
 
-    ref, ref_grads = logp_and_grads(padded, NO_AUTOCAST)  # fp32, SDPA with the padding mask
-    assert not calls
-    got, grads = logp_and_grads(packed, bf16)
-    assert len(calls) == 2  # one varlen call per decoder layer (the chunks' recompute runs the head only)
+    ref, ref_grads = logp_and_grads(model32, padded)  # fp32, SDPA with the padding mask
+    got32, _ = logp_and_grads(model32, packed)
+    assert not calls  # fp32: row by row
+    assert (got32[present] - ref[present]).abs().max() <= 1e-4
+    got, grads = logp_and_grads(model16, packed)
+    assert len(calls) == 2  # bf16: one varlen call per decoder layer (the chunks' recompute runs the head only)
     err = (got[present] - ref[present]).abs().max().item()
-    assert err <= 0.25, err
-    shifted = dict(packed, predictors=packed["predictors"] - 1)
+    assert err <= 0.5, err
     with torch.no_grad():
-        wrong = completion_logprobs(model, shifted, 1.0, bf16, chunk_tokens=CHUNK)
-    assert (wrong[present] - ref[present]).abs().max().item() > 1.0
+        wrong = completion_logprobs(model16, dict(packed, predictors=packed["predictors"] - 1), 1.0, NO_AUTOCAST,
+                                    chunk_tokens=CHUNK).float()
+    assert (wrong[present] - ref[present]).abs().max().item() > 4 * max(err, 0.25)
     for a, b in zip(grads, ref_grads):
-        assert (a.float() - b).norm() <= 0.05 * b.norm()
+        assert (a - b).norm() <= 0.1 * b.norm()

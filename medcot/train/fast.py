@@ -67,8 +67,8 @@ def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
 
     transformers would build a block-diagonal (tokens × tokens) mask for packed rows, which sends
     SDPA to a masked kernel that computes every block: 8× the attention work for 8 rows. On CUDA
-    this calls PyTorch's variable-length flash attention over the row offsets instead (only the
-    diagonal blocks); elsewhere one causal SDPA call per row. Without `row_bounds` (evaluation,
+    in fp16/bf16 this calls PyTorch's variable-length flash attention over the row offsets instead
+    (only the diagonal blocks); elsewhere one causal SDPA call per row. Without `row_bounds` (evaluation,
     generation) it is plain SDPA.
     """
     from transformers.integrations.sdpa_attention import (
@@ -78,7 +78,8 @@ def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
 
     if row_bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if query.is_cuda and _varlen() is not None:
+    # The varlen flash kernel takes fp16/bf16 only; an fp32 model (model.dtype=fp32 on CUDA) goes row by row.
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _varlen() is not None:
         varlen_attn, causal_kw = _varlen()
         # (1, heads, tokens, dim) -> (tokens, heads, dim), the layout of the varlen kernel
         q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
