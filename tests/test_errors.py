@@ -70,6 +70,12 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.2)
 
 
+def _default_sigint() -> None:
+    # A shell starts background jobs (`cmd &`, nohup) with SIGINT ignored, children inherit that, and Python then
+    # installs no KeyboardInterrupt handler: the process a user would Ctrl-C must get the default disposition.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_ctrl_c_during_eval_says_what_was_kept_and_a_rerun_resumes(tiny_model_dir, tmp_path):
     """A real `medcot eval` process gets SIGINT after its first answered batch: one line, exit 130, no
@@ -79,7 +85,8 @@ def test_ctrl_c_during_eval_says_what_was_kept_and_a_rerun_resumes(tiny_model_di
            "model.dtype=fp32", f"eval.output_dir={out}", "eval.benchmarks=[medqa]", "eval.limit=25",
            "eval.batch_size=1", "eval.thinking_budget=null", "generate.max_new_tokens=200"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=_default_sigint)
     _wait_for(out / "items.jsonl", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -99,7 +106,8 @@ def test_ctrl_c_during_ask_prints_one_line(tiny_model_dir, tmp_path):
            f"model.name_or_path={tiny_model_dir}", "model.device=cpu", "model.dtype=fp32",
            "generate.max_new_tokens=100000"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=_default_sigint)
     assert proc.stdout.readline().startswith("--- reasoning ---")  # generation has started
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
