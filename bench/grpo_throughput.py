@@ -72,6 +72,7 @@ from bench.provenance import versions
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes", "datasets")  # versions recorded
 LEARNING_RATE = 1e-5  # medcot's grpo.learning_rate default (TRL's is 1e-6; no effect on time)
 BETA = 0.04  # medcot's grpo.beta default; TRL's default is 0.0 (no KL, no reference pass): set on for both
 SEED = 3407
@@ -583,7 +584,7 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"bench": "grpo_throughput", "date": datetime.date.today().isoformat(),
             "command": "python -m bench.grpo_throughput " + shlex.join(worker_argv), "stacks": stacks,
             "model": args.model, "weights": _weights_note(args.model), "items": Path(args.items).name,
-            "quant": args.quant, "device": None, "versions": versions(("torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes", "datasets")),
+            "quant": args.quant, "device": None, "versions": versions(PACKAGES),
             "shape": {"prompts_per_step": args.prompts_per_step, "k": args.k, "completion_tokens": args.completion_tokens,
                       "micro_batch": args.micro_batch, "steps": args.steps, "warmup": args.warmup},
             "same_settings": {"lora": "r=16 alpha=16 dropout 0, " + ",".join(TARGETS), "learning_rate": LEARNING_RATE,

@@ -52,6 +52,8 @@ FULL_SET_ROWS = 19_704  # FreedomIntelligence/medical-o1-reasoning-SFT, config "
 DENSE_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (datasheet), the usual MFU denominator
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 UNSLOTH_BATCHES = (2, 4, 8, 16)  # per-device batch sizes a user picks from; accumulation makes up the step
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes", "liger-kernel", "unsloth",
+            "unsloth_zoo", "triton")  # whose versions each result records
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +416,7 @@ def worker(args) -> None:
         mfu=round(6 * n_params_full * tok_s / DENSE_BF16_PEAK, 3) if args.device == "cuda" else None,
         epoch_hours=round(FULL_SET_ROWS * mean_len / tok_s / 3600, 2),
         mean_row_tokens=round(mean_len, 1), token_lengths=lengths.summary(), wall_s=round(time.time() - t0, 1),
-        gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", versions=versions(("torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes", "liger-kernel", "unsloth", "unsloth_zoo", "triton")), **extra,
+        gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", versions=versions(PACKAGES), **extra,
     )
     print("RESULT " + json.dumps(res), flush=True)
 

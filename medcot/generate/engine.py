@@ -40,7 +40,12 @@ import torch
 
 from medcot.errors import Overloaded, Unavailable
 from medcot.generate.detok import TextStream
-from medcot.generate.reasoning import FORCE_CLOSE, THINK_CLOSE, THINK_OPEN
+from medcot.generate.reasoning import (
+    FORCE_CLOSE,
+    THINK_CLOSE,
+    THINK_OPEN,
+    force_close_ids,
+)
 from medcot.generate.runner import BATCH_BUCKETS, ModelRunner, fit_slots
 from medcot.generate.sampler import RowParams, sample
 
@@ -206,7 +211,7 @@ class Engine:
         self._eos = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._eos.discard(None)
         self._eos_list = sorted(self._eos)
-        self._force_ids = tokenizer(FORCE_CLOSE, add_special_tokens=False)["input_ids"]
+        self._force_ids = force_close_ids(tokenizer)
         self._max_len_hint = max_len
         on_cuda = self.device.type == "cuda"
         self._prefill_tokens = 16384 if on_cuda else 2048  # prompt tokens per prefill pass

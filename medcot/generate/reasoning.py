@@ -13,6 +13,11 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 FORCE_CLOSE = "\n" + THINK_CLOSE + "\n"  # what the thinking budget appends when the reasoning runs out
 
 
+def force_close_ids(tokenizer) -> list[int]:
+    """The ids fed for FORCE_CLOSE: the engine feeds exactly these, and GRPO's update trains around them."""
+    return tokenizer(FORCE_CLOSE, add_special_tokens=False)["input_ids"]
+
+
 @dataclass(frozen=True)
 class Split:
     reasoning: str

@@ -27,7 +27,8 @@ from torch.utils.checkpoint import checkpoint
 
 from medcot.config import GenerateArgs, GrpoArgs
 from medcot.eval.tasks import Item, Task
-from medcot.generate.budget import FORCE_CLOSE, Answer, generate_answers
+from medcot.generate.budget import Answer, generate_answers
+from medcot.generate.reasoning import force_close_ids
 from medcot.rl.algorithm import token_logprobs
 from medcot.rl.rewards import EVAL_PROTOCOL, Scored, score
 
@@ -61,15 +62,10 @@ def completion_tokens(tokenizer, answer: Answer) -> tuple[list[int], list[int]]:
     where the completion stopped by itself, so the update scores the very tokens that were sampled.
     """
     ids, at = list(answer.token_ids), answer.forced_at
-    parts = [(ids, 1)] if at is None else [(ids[:at], 1), (_force_ids(tokenizer), 0), (ids[at:], 1)]
+    parts = [(ids, 1)] if at is None else [(ids[:at], 1), (force_close_ids(tokenizer), 0), (ids[at:], 1)]
     if answer.stopped:  # it chose to stop (EOS); a completion cut by its token limit has no end to train on
         parts.append(([tokenizer.eos_token_id], 1))
     return [i for part, _ in parts for i in part], [m for part, m in parts for _ in part]
-
-
-def _force_ids(tokenizer) -> list[int]:
-    # The ids the engine feeds for the forced close (medcot/generate/engine.py tokenizes FORCE_CLOSE the same way).
-    return tokenizer(FORCE_CLOSE, add_special_tokens=False)["input_ids"]
 
 
 @contextlib.contextmanager
